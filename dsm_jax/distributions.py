@@ -59,6 +59,29 @@ def _logpdf(x: jax.Array, mean: jax.Array, cov: jax.Array) -> jax.Array:
     return -0.5 * (maha + logdet + d * _LOG_2PI)
 
 
+def _logpdf_parts(x: jax.Array, mean: jax.Array, cov: jax.Array):
+    """log N(x; mean, cov) = -1/2 (quad + rest), split so that ``quad = x^T P x``
+    carries the huge part far from the mean and ``rest = -2 x^T P mu + mu^T P mu
+    + logdet + d log 2 pi`` the part that tells components apart.
+
+    Components with the same covariance get bitwise-identical ``quad``, so
+    their responsibilities stay exact even at |x| = 1e3 in float32.
+    """
+    d = mean.shape[-1]
+    if _is_diag(cov):
+        quad = jnp.sum(x**2 / cov, axis=-1)
+        cross = jnp.sum(x * (mean / cov), axis=-1)
+        const = jnp.sum(mean**2 / cov) + jnp.sum(jnp.log(cov))
+    else:
+        chol = jnp.linalg.cholesky(cov)
+        zx = jax.scipy.linalg.solve_triangular(chol, x.T, lower=True)
+        zm = jax.scipy.linalg.solve_triangular(chol, mean, lower=True)
+        quad = jnp.sum(zx**2, axis=0)
+        cross = zm @ zx
+        const = jnp.sum(zm**2) + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+    return quad, -2.0 * cross + const + d * _LOG_2PI
+
+
 def _noised_cov(cov: jax.Array, sigma, scale) -> jax.Array:
     if _is_diag(cov):
         return scale**2 * cov + sigma**2
@@ -252,18 +275,26 @@ class GaussianMixture:
     def covariance_matrices(self) -> jax.Array:
         return jax.vmap(_full)(self.covs)
 
+    def _shifted_logits(self, x: jax.Array):
+        """``(shift [B], logits [B, K])`` with ``component_log_probs = logits + shift``."""
+        _check_points(x, self.dim)
+        quad, rest = jax.vmap(_logpdf_parts, in_axes=(None, 0, 0), out_axes=1)(x, self.means, self.covs)
+        shift = jnp.min(quad, axis=1)
+        logits = -0.5 * ((quad - shift[:, None]) + rest) + jnp.log(self.weights)
+        return -0.5 * shift, logits
+
     def component_log_probs(self, x: jax.Array) -> jax.Array:
         """log w_k + log N(x; mu_k, Sigma_k) -> [B, K]."""
-        _check_points(x, self.dim)
-        lp = jax.vmap(_logpdf, in_axes=(None, 0, 0), out_axes=1)(x, self.means, self.covs)
-        return lp + jnp.log(self.weights)
+        shift, logits = self._shifted_logits(x)
+        return logits + shift[:, None]
 
     def responsibilities(self, x: jax.Array) -> jax.Array:
         """p(k | x) -> [B, K], via a stable softmax."""
-        return jax.nn.softmax(self.component_log_probs(x), axis=-1)
+        return jax.nn.softmax(self._shifted_logits(x)[1], axis=-1)
 
     def log_prob(self, x: jax.Array) -> jax.Array:
-        return jax.nn.logsumexp(self.component_log_probs(x), axis=-1)
+        shift, logits = self._shifted_logits(x)
+        return shift + jax.nn.logsumexp(logits, axis=-1)
 
     def score(self, x: jax.Array) -> jax.Array:
         """sum_k p(k|x) * (-Sigma_k^{-1} (x - mu_k))."""

@@ -1,0 +1,27 @@
+"""Shared fixtures: x64 on demand and a fresh-key factory."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import pytest
+
+
+@pytest.fixture
+def x64():
+    """Runs a test in double precision and restores the previous setting."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture
+def getkey():
+    """getkey() returns a new key each call, from a fixed seed."""
+    counter = iter(range(10**9))
+    base = jax.random.key(1234)
+    return lambda: jax.random.fold_in(base, next(counter))
