@@ -1,0 +1,135 @@
+"""Tests for dsm_jax.models: shapes, conditioning, per-example independence, the output helper."""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsm_jax.models import (
+    GaussianFourierEmbedding,
+    NoiseConditionalMLP,
+    SigmaEmbedding,
+    UNet,
+    init_params,
+    make_model_fn,
+    make_score_fn,
+    sinusoidal_embedding,
+)
+
+# Small configurations; zero_init_output=False so outputs depend on the inputs at init.
+UNET = UNet(channels=8, channel_mults=(1, 2), groups=4, attention_resolutions=(4,), zero_init_output=False)
+MODELS = {
+    "mlp_vector": (NoiseConditionalMLP(width=32, depth=2, zero_init_output=False), (5, 2)),
+    "mlp_sinusoidal": (NoiseConditionalMLP(width=16, depth=1, embedding="sinusoidal", zero_init_output=False), (5, 3)),
+    "mlp_image": (NoiseConditionalMLP(width=16, depth=1, zero_init_output=False), (5, 4, 4, 1)),
+    # One U-Net (initialising one costs seconds on CPU), at two resolutions: the
+    # convolutions do not depend on H, W; attention runs at 4x4 only in the 8x8 case.
+    "unet_8x8": (UNET, (3, 8, 8, 1)),
+    "unet_16x16": (UNET, (2, 16, 16, 1)),
+}
+
+
+# Initialise with the first shape listed (for the U-Net, 8x8: the resolution at which its attention exists).
+MODEL_INPUT = {}
+for _model, _shape in MODELS.values():
+    MODEL_INPUT.setdefault(_model, (1,) + _shape[1:])
+
+
+@functools.lru_cache(maxsize=None)
+def _params(model):
+    return init_params(model, jax.random.key(1), jnp.zeros(MODEL_INPUT[model]))
+
+
+def _setup(name):
+    model, shape = MODELS[name]
+    return model, _params(model), jax.random.normal(jax.random.key(0), shape)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_output_shape_and_sigma_conditioning(name):
+    model, params, x = _setup(name)
+    fn = jax.jit(make_model_fn(model, params))
+    out_small, out_large = fn(x, 0.1), fn(x, 10.0)
+    chex.assert_shape(out_small, x.shape)
+    chex.assert_tree_all_finite(out_small)
+    # Different noise levels give different outputs: the network sees sigma.
+    assert float(jnp.max(jnp.abs(out_small - out_large))) > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_examples_do_not_interact(name):
+    """Output i depends on x_i and sigma_i only (no batch statistics), also for a batch of one."""
+    model, params, x = _setup(name)
+    fn = jax.jit(make_model_fn(model, params))
+    sigma = jnp.linspace(0.1, 2.0, x.shape[0])
+    full = fn(x, sigma)
+    changed = fn(x.at[1:].set(x[1:] * 3.0 + 1.0), sigma.at[1:].set(5.0))
+    np.testing.assert_allclose(changed[0], full[0], rtol=1e-5, atol=1e-6)
+    one_by_one = jax.jit(jax.vmap(lambda xi, si: fn(xi[None], si[None])[0]))(x, sigma)
+    np.testing.assert_allclose(one_by_one, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", [NoiseConditionalMLP(width=16, depth=1), UNet(channels=4, groups=2, channel_mults=(1,))])
+def test_zero_initialised_output(model):
+    x = jnp.ones((2, 8, 8, 1)) if isinstance(model, UNet) else jnp.ones((2, 2))
+    params = init_params(model, jax.random.key(0), x)
+    np.testing.assert_array_equal(jax.jit(make_model_fn(model, params))(x, 1.0), jnp.zeros_like(x))
+
+
+def test_scale_by_sigma_and_score_fn():
+    model, params, x = _setup("mlp_vector")
+    sigma = jnp.array([0.1, 0.5, 1.0, 2.0, 4.0])
+    raw = model.apply({"params": params}, x, sigma)
+    scaled = make_model_fn(model, params, scale_by_sigma=True)(x, sigma)
+    np.testing.assert_allclose(scaled, raw / sigma[:, None], rtol=1e-6)
+    # "eps": score = -out / sigma (the conversion in dsm_jax.parameterization).
+    score = make_score_fn(model, params, parameterization="eps")(x, sigma)
+    np.testing.assert_allclose(score, -raw / sigma[:, None], rtol=1e-6)
+    # A scalar sigma is broadcast to [B].
+    np.testing.assert_allclose(make_model_fn(model, params)(x, 0.5), model.apply({"params": params}, x, jnp.full(5, 0.5)))
+
+
+def test_sinusoidal_embedding_matches_formula():
+    v = jnp.array([-1.0, 0.0, 2.5])
+    emb = sinusoidal_embedding(v, 8, scale=3.0, max_period=100.0)
+    chex.assert_shape(emb, (3, 8))
+    for i in range(4):
+        w = 100.0 ** (-i / 4)
+        np.testing.assert_allclose(emb[:, i], np.sin(3.0 * np.asarray(v) * w), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(emb[:, 4 + i], np.cos(3.0 * np.asarray(v) * w), rtol=1e-5, atol=1e-6)
+
+
+def test_fourier_frequencies_are_fixed():
+    """W enters the features but receives no gradient (stop_gradient): it is never trained."""
+    module = GaussianFourierEmbedding(features=8, scale=2.0)
+    v = jnp.array([0.3, -0.7])
+    params = module.init(jax.random.key(0), v)["params"]
+    w = params["W"]
+    emb = module.apply({"params": params}, v)
+    np.testing.assert_allclose(emb[:, :4], jnp.sin(2 * math.pi * v[:, None] * w[None]), rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, v) ** 2))(params)
+    np.testing.assert_array_equal(grads["W"], jnp.zeros_like(w))
+
+
+def test_bad_configurations_raise():
+    with pytest.raises(ValueError, match="embed_dim"):
+        SigmaEmbedding(embed_dim=7)
+    with pytest.raises(ValueError, match="embedding"):
+        NoiseConditionalMLP(embedding="learned").init(jax.random.key(0), jnp.ones((1, 2)), jnp.ones(1))
+    with pytest.raises(ValueError, match="width"):
+        NoiseConditionalMLP(width=0)
+    with pytest.raises(ValueError, match="groups"):
+        UNet(channels=12, groups=8)
+    with pytest.raises(ValueError, match="channel_mults"):
+        UNet(channel_mults=())
+    with pytest.raises(ValueError, match="divisible"):
+        init_params(UNet(channels=8, groups=4, channel_mults=(1, 2, 2)), jax.random.key(0), jnp.ones((1, 6, 6, 1)))
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        init_params(UNet(channels=8, groups=4), jax.random.key(0), jnp.ones((1, 8, 8)))
+    model, params, x = _setup("mlp_vector")
+    with pytest.raises(ValueError, match="sigma"):
+        model.apply({"params": params}, x, jnp.ones(3))
