@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any, Optional
@@ -49,6 +50,34 @@ class CorruptCheckpointWarning(RuntimeWarning):
 def _quiet_orbax() -> None:
     """orbax logs every save and restore through absl at INFO/WARNING; keep only errors."""
     logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class _DropClosedLoopErrors:
+    """Scoped ``sys.unraisablehook`` that drops orbax's late callbacks after a failed restore.
+
+    When a restore fails, orbax's event loop closes while tensorstore still
+    completes the other reads in flight; each completion reports a
+    "RuntimeError: Event loop is closed" as an unraisable exception from a
+    background thread. They are noise (the failure itself was raised and
+    handled), so they are dropped while the fallback runs.
+    """
+
+    def __init__(self):
+        self._previous = sys.unraisablehook
+        sys.unraisablehook = self
+
+    def __call__(self, unraisable):
+        exc = unraisable.exc_value
+        while exc is not None:
+            if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+                return
+            exc = exc.__cause__
+        self._previous(unraisable)
+
+    def remove(self, grace_seconds: float) -> None:
+        time.sleep(grace_seconds)  # let the reads still in flight finish first
+        if sys.unraisablehook is self:
+            sys.unraisablehook = self._previous
 
 
 def _to_host(tree: Any) -> Any:
@@ -129,19 +158,24 @@ class Checkpointer:
         :class:`CorruptCheckpointWarning` and moved aside (left in place
         when ``read_only``).
         """
-        for step in reversed(self.all_steps()):
-            try:
-                return self.restore(step, target)
-            except Exception as err:  # any failure to read means this step is unusable
-                where = "left it in place" if self.read_only else f"moved it to {self._move_aside(step)}"
-                warnings.warn(
-                    f"checkpoint of step {step} in {self.directory} could not be restored "
-                    f"({type(err).__name__}: {str(err)[:300]}); {where}, falling back "
-                    "to the previous checkpoint.",
-                    CorruptCheckpointWarning,
-                    stacklevel=2,
-                )
-        return None
+        noise_filter, failed = _DropClosedLoopErrors(), False
+        try:
+            for step in reversed(self.all_steps()):
+                try:
+                    return self.restore(step, target)
+                except Exception as err:  # any failure to read means this step is unusable
+                    failed = True
+                    where = "left it in place" if self.read_only else f"moved it to {self._move_aside(step)}"
+                    warnings.warn(
+                        f"checkpoint of step {step} in {self.directory} could not be restored "
+                        f"({type(err).__name__}: {str(err)[:300]}); {where}, falling back "
+                        "to the previous checkpoint.",
+                        CorruptCheckpointWarning,
+                        stacklevel=2,
+                    )
+            return None
+        finally:
+            noise_filter.remove(grace_seconds=0.2 if failed else 0.0)
 
     def _move_aside(self, step: int) -> str:
         src = os.path.join(self.directory, str(step))

@@ -1,0 +1,402 @@
+"""Tests for dsm_jax.train: the train step, pmap equivalence, exact resume, faults, learning.
+
+Multi-device and kill/resume tests run this file as a worker script in a
+subprocess (``python tests/test_train.py MODE WORKDIR JSON``), with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` where several devices
+are needed.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dsm_jax.checkpoint import Checkpointer, CorruptCheckpointWarning
+from dsm_jax.distributions import GaussianMixture
+from dsm_jax.models import NoiseConditionalMLP, init_params, make_score_fn
+from dsm_jax.noise import geometric_sigmas
+from dsm_jax.train import (
+    NonFiniteError,
+    create_train_state,
+    make_dsm_loss_fn,
+    make_optimizer,
+    make_train_step,
+    train,
+)
+
+GMM = GaussianMixture(jnp.array([0.3, 0.7]), jnp.array([[2.0, 2.0], [-2.0, -1.0]]), jnp.full((2, 2), 0.25))
+TRAIN_KW = dict(ema_decay=0.9, log_every=5, quiet=True)
+
+
+def _toy(*, batch=16, width=16, depth=1, num_levels=4, nan_step=None, sleep=0.0, wrap_loss=None):
+    """(loss_fn, params, batch_at) for a tiny noise-conditional MLP on a 2-D mixture."""
+    data = np.asarray(GMM.sample(jax.random.key(0), 1024))
+
+    def batch_at(step):
+        if sleep:
+            time.sleep(sleep)
+        x = data[(step * batch + np.arange(batch)) % len(data)]
+        if step == nan_step:
+            x = x.copy()
+            x[0, 0] = np.nan
+        return x
+
+    model = NoiseConditionalMLP(width=width, depth=depth)
+    params = init_params(model, jax.random.key(1), data[:1])
+    loss_fn = make_dsm_loss_fn(model, geometric_sigmas(3.0, 0.05, num_levels), scale_by_sigma=True)
+    if wrap_loss is not None:
+        loss_fn = wrap_loss(loss_fn)
+    return loss_fn, params, batch_at
+
+
+def _optimizer():
+    return make_optimizer(3e-3, warmup_steps=2)
+
+
+def _run(workdir, num_steps, *, toy=None, **kwargs):
+    loss_fn, params, batch_at = toy if toy is not None else _toy()
+    return train(loss_fn, params, batch_at, workdir=str(workdir), num_steps=num_steps,
+                 optimizer=_optimizer(), **{**TRAIN_KW, "save_every": 10, **kwargs})
+
+
+def _events(workdir, name):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r.get("event") == name]
+
+
+def _tree_digest(directory):
+    """{relative path: sha256 of the contents} of every file under ``directory``."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _worker_env(num_devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    if num_devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    return env
+
+
+def _worker_cmd(mode, workdir, **kwargs):
+    return [sys.executable, os.path.abspath(__file__), mode, str(workdir), json.dumps(kwargs)]
+
+
+def _run_worker(mode, workdir, *, num_devices=1, timeout=240, **kwargs):
+    proc = subprocess.run(_worker_cmd(mode, workdir, **kwargs), env=_worker_env(num_devices),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out waiting for the worker")
+
+
+def _logged_saves(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r["step"] for r in map(json.loads, f.read().splitlines()[:-1]) if r.get("event") == "save"]
+
+
+def _logged_steps(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r["step"] for r in map(json.loads, f.read().splitlines()[:-1]) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """40 steps in one go: the reference for every resumed run."""
+    return _run(tmp_path_factory.mktemp("reference"), 40)
+
+
+# ---------------------------------------------------------------------------
+# The train step
+# ---------------------------------------------------------------------------
+
+
+def test_train_step_one_step_by_hand():
+    """One step equals Adam on the gradient of the mean loss, and the EMA formula."""
+    loss_fn, params, batch_at = _toy(batch=4)
+    opt = optax.adam(1e-2)
+    state = create_train_state(params, opt)
+    batch, key = batch_at(0), jax.random.key(7)
+    new, metrics = jax.jit(make_train_step(loss_fn, opt, ema_decay=0.75))(state, batch, key)
+
+    keys = [jax.random.fold_in(key, j) for j in range(batch.shape[0])]
+    mean_loss = lambda p: jnp.mean(jnp.stack([loss_fn(p, batch[j:j + 1], keys[j])[0] for j in range(len(keys))]))
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    expected = optax.apply_updates(params, updates)
+    chex.assert_trees_all_close(new.params, expected, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(new.ema_params, jax.tree.map(lambda p, q: 0.75 * p + 0.25 * q, params, expected),
+                                rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    grad_norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+    np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-5)
+    assert metrics["per_sigma_loss"].shape == (4,)
+    assert int(new.step) == 1
+
+
+def test_train_step_traces_once():
+    loss_fn, params, batch_at = _toy()
+    opt = _optimizer()
+    chex.clear_trace_counter()
+    step = jax.jit(chex.assert_max_traces(make_train_step(loss_fn, opt, ema_decay=0.9), n=1))
+    state = create_train_state(params, opt)
+    for s in range(20):
+        state, _ = step(state, batch_at(s), jax.random.key(s))
+    assert int(state.step) == 20
+
+
+def test_driver_compiles_once(tmp_path):
+    """Calls of k steps aligned with the save period: one trace of the loss for the whole run."""
+    chex.clear_trace_counter()
+    toy = _toy(wrap_loss=lambda f: chex.assert_max_traces(f, n=1))
+    state = _run(tmp_path, 24, toy=toy, steps_per_call=4, save_every=8, log_every=3)
+    assert int(state.step) == 24
+
+
+def test_steps_per_call_matches_single_steps(tmp_path, uninterrupted):
+    """k steps per device call (lax.scan), here with calls of 3 and 1 steps, gives the same run.
+
+    Same arithmetic in a different compiled program: equal up to float32
+    rounding (a few ulp per step, amplified at most ~1e3 over 40 Adam steps).
+    """
+    state = _run(tmp_path, 40, steps_per_call=3)
+    chex.assert_trees_all_close(state.params, uninterrupted.params, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Data parallelism
+# ---------------------------------------------------------------------------
+
+
+def _pmap_worker(workdir):
+    devices = jax.local_devices()
+    if len(devices) != 4:
+        raise SystemExit(f"expected 4 devices, got {devices}")
+    toy = _toy()
+    four = _run(os.path.join(workdir, "four"), 10, toy=toy, devices=devices)
+    one = _run(os.path.join(workdir, "one"), 10, toy=toy, devices=devices[:1])
+    diff = lambda a, b: max(float(np.max(np.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    loss_fn, params, batch_at = toy
+    try:
+        _run(os.path.join(workdir, "odd"), 1, toy=(loss_fn, params, lambda s: batch_at(s)[:14]), devices=devices)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    print(json.dumps({
+        "params_diff": diff(four.params, one.params),
+        "ema_diff": diff(four.ema_params, one.ema_params),
+        "moved": diff(one.params, params),
+        "steps": [int(four.step), int(one.step)],
+        "error": error,
+    }))
+
+
+def test_pmap_four_devices_match_one(tmp_path):
+    out = json.loads(_run_worker("pmap", tmp_path, num_devices=4).strip().splitlines()[-1])
+    print("pmap 4 vs 1 device, max abs param difference after 10 steps:", out)
+    assert out["steps"] == [10, 10]
+    # The same per-example keys and batch on 4 devices or 1: only the order of the
+    # float32 reductions differs (mean of 4 partial means vs one mean), a few ulp of
+    # the gradient per step; 10 Adam steps of size <= 3e-3 keep the parameters
+    # within 1e-5 while they move by O(1e-2).
+    assert out["moved"] > 1e-3
+    assert out["params_diff"] < 1e-5
+    assert out["ema_diff"] < 1e-5
+    assert "divisible by the number of devices 4" in out["error"]
+
+
+# ---------------------------------------------------------------------------
+# Resume, kills, signals, non-finite values
+# ---------------------------------------------------------------------------
+
+
+def test_resume_in_a_new_process_is_bitwise_exact(tmp_path, uninterrupted):
+    _run(tmp_path, 20)
+    _run_worker("train", tmp_path, num_steps=40)
+    assert _events(tmp_path, "resume")[0]["step"] == 20
+    with Checkpointer(os.path.join(tmp_path, "checkpoints")) as ckpt:
+        resumed, meta = ckpt.restore(40, target=uninterrupted)
+    assert meta["data_state"] == {"step": 40}
+    chex.assert_trees_all_equal(resumed, uninterrupted)
+
+
+def test_sigkill_mid_training_resumes_and_finishes(tmp_path, uninterrupted):
+    proc = subprocess.Popen(_worker_cmd("train", tmp_path, num_steps=40, sleep=0.05),
+                            env=_worker_env(), stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(s >= 20 for s in _logged_saves(tmp_path)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    state = _run(tmp_path, 40)
+    resumed_from = _events(tmp_path, "resume")[0]["step"]
+    assert 20 <= resumed_from < 40, resumed_from
+    chex.assert_trees_all_equal(state, uninterrupted)
+
+
+def test_sigterm_saves_the_current_step(tmp_path):
+    proc = subprocess.Popen(_worker_cmd("train", tmp_path, num_steps=100000, save_every=1000, sleep=0.02),
+                            env=_worker_env(), stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(s >= 15 for s in _logged_steps(tmp_path)), proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    stopped = _events(tmp_path, "interrupted")[0]["step"]
+    assert 15 <= stopped < 1000
+    with Checkpointer(os.path.join(tmp_path, "checkpoints")) as ckpt:
+        assert ckpt.all_steps() == [stopped]
+        _, meta = ckpt.restore(stopped)
+    assert meta["data_state"] == {"step": stopped}
+
+
+def test_nan_in_data_names_the_step_and_keeps_checkpoints(tmp_path):
+    toy = _toy(nan_step=13)
+    _run(tmp_path, 10, toy=toy, save_every=5)
+    before = _tree_digest(os.path.join(tmp_path, "checkpoints"))
+    with pytest.raises(NonFiniteError, match=r"non-finite loss .* at step 13 .*last good checkpoint is step 10"):
+        _run(tmp_path, 20, toy=toy, save_every=5)
+    assert _tree_digest(os.path.join(tmp_path, "checkpoints")) == before
+    assert _events(tmp_path, "nonfinite")[0]["step"] == 13
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_resumes_exactly(tmp_path):
+    first = _run(tmp_path, 10, save_every=5)
+    step_dir = os.path.join(tmp_path, "checkpoints", "10", "state")
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            if os.path.basename(root) == "d":
+                open(os.path.join(root, name), "wb").close()
+    with pytest.warns(CorruptCheckpointWarning, match="step 10"):
+        again = _run(tmp_path, 10, save_every=5)
+    assert _events(tmp_path, "resume")[0]["step"] == 5
+    chex.assert_trees_all_equal(again, first)
+
+
+def test_bad_arguments_raise(tmp_path):
+    loss_fn, params, batch_at = _toy()
+    base = dict(workdir=str(tmp_path), num_steps=1, quiet=True)
+    for kwargs, name in [
+        (dict(num_steps=-1), "num_steps"),
+        (dict(ema_decay=1.0), "ema_decay"),
+        (dict(steps_per_call=0), "steps_per_call"),
+        (dict(save_every=0), "save_every"),
+        (dict(config={"f": print}), "config"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            train(loss_fn, params, batch_at, **{**base, **kwargs})
+    with pytest.raises(ValueError, match="data"):
+        train(loss_fn, params, 42, **base)
+    with pytest.raises(ValueError, match="divisible"):
+        train(loss_fn, params, lambda s: np.float32(1.0), **base)
+    with pytest.raises(ValueError, match="optimizer"):
+        make_optimizer(optimizer="sgd")
+    with pytest.raises(ValueError, match="total_steps"):
+        make_optimizer(warmup_steps=10, total_steps=10)
+    with pytest.raises(ValueError, match="weight_decay"):
+        make_optimizer(weight_decay=0.1)
+    with pytest.raises(ValueError, match="ema_decay"):
+        make_train_step(loss_fn, optax.adam(1e-3), ema_decay=-0.1)
+
+
+def test_optimizer_schedule_and_weight_decay():
+    """Adam's first update is -lr * g / (|g| + eps): zero at step 0 of a warmup; AdamW adds -lr * wd * p."""
+    p = {"w": jnp.array([1.0, -2.0])}
+    g = {"w": jnp.array([0.5, 0.5])}
+    opt = make_optimizer(1e-2, warmup_steps=4, total_steps=20, grad_clip_norm=None)
+    updates, _ = opt.update(g, opt.init(p), p)
+    np.testing.assert_array_equal(updates["w"], jnp.zeros(2))
+    opt = make_optimizer(1e-2, optimizer="adamw", weight_decay=0.1, grad_clip_norm=None)
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, g), opt.init(p), p)
+    np.testing.assert_allclose(updates["w"], -1e-2 * 0.1 * p["w"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Learning works
+# ---------------------------------------------------------------------------
+
+
+def _relative_fisher(model, params, sigmas, n=2000):
+    """mean over sigma of E_{q_sigma}|s_theta - grad log q_sigma|^2 / E_{q_sigma}|grad log q_sigma|^2."""
+    score_fn = jax.jit(make_score_fn(model, params, scale_by_sigma=True))
+    values = []
+    for i, sigma in enumerate(np.asarray(sigmas)):
+        noised = GMM.convolve(float(sigma))
+        x = noised.sample(jax.random.key(1000 + i), n)
+        exact = noised.score(x)
+        err = jnp.mean(jnp.sum((score_fn(x, float(sigma)) - exact) ** 2, axis=-1))
+        values.append(float(err / jnp.mean(jnp.sum(exact**2, axis=-1))))
+    return float(np.mean(values)), values
+
+
+def test_learning_reduces_the_fisher_divergence(tmp_path):
+    """Multi-scale DSM on a 2-D mixture: a short run learns the noised scores.
+
+    The untrained model (zero output layer) has relative Fisher divergence
+    exactly 1. We require an order of magnitude less after 1500 steps. The
+    Monte-Carlo error of each ratio (2000 samples) is a few percent of its
+    value, far from deciding the comparison.
+    """
+    sigmas = geometric_sigmas(3.0, 0.05, 10)
+    model = NoiseConditionalMLP(width=64, depth=2)
+    data = np.asarray(GMM.sample(jax.random.key(0), 100_000))
+    params = init_params(model, jax.random.key(1), data[:1])
+    loss_fn = make_dsm_loss_fn(model, sigmas, scale_by_sigma=True)
+    batch = 128
+    state = train(loss_fn, params, lambda s: data[(s * batch + np.arange(batch)) % len(data)],
+                  workdir=str(tmp_path), num_steps=1500, steps_per_call=10, save_every=1500, log_every=500,
+                  optimizer=make_optimizer(2e-3, warmup_steps=100, total_steps=1500), ema_decay=0.99, quiet=True)
+    untrained, _ = _relative_fisher(model, params, sigmas)
+    trained, per_sigma = _relative_fisher(model, state.params, sigmas)
+    ema, _ = _relative_fisher(model, state.ema_params, sigmas)
+    rates = [r["steps_per_sec"] for r in map(json.loads, open(os.path.join(tmp_path, "metrics.jsonl"))) if "loss" in r]
+    print(f"relative Fisher divergence: untrained {untrained:.4f}, trained {trained:.4f}, EMA {ema:.4f}; "
+          f"per sigma {np.round(per_sigma, 4).tolist()}; steps/s per log interval {np.round(rates, 1).tolist()}")
+    np.testing.assert_allclose(untrained, 1.0, rtol=1e-6)
+    assert trained < 0.1 * untrained
+    assert ema < 0.1 * untrained
+
+
+# ---------------------------------------------------------------------------
+# Worker entry point
+# ---------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    _mode, _workdir, _kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    if _mode == "pmap":
+        _pmap_worker(_workdir)
+    elif _mode == "train":
+        _sleep = _kwargs.pop("sleep", 0.0)
+        _run(_workdir, toy=_toy(sleep=_sleep), **_kwargs)
+    else:
+        raise SystemExit(f"unknown mode {_mode!r}")
