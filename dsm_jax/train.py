@@ -403,6 +403,16 @@ def _summarise(history: list) -> dict:
     return out
 
 
+def _first_nonfinite(metrics: dict, first_step: int):
+    """``(step, metric, value)`` of the first non-finite loss or gradient norm in a call, or None."""
+    for i in range(len(metrics["loss"])):
+        for name in _CHECKED_METRICS:
+            value = float(metrics[name][i])
+            if not math.isfinite(value):
+                return first_step + i, name, value
+    return None
+
+
 def _unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda a: np.asarray(a[0]), tree)
 
@@ -570,18 +580,16 @@ def train(
                 stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *shards)
                 state, metrics = p_run(state, stacked, base_key)
                 metrics = jax.device_get(_unreplicate(metrics))
-                for i in range(n):
-                    for name in _CHECKED_METRICS:
-                        value = float(metrics[name][i])
-                        if not math.isfinite(value):
-                            last = ckpt.latest_step()
-                            log({"event": "nonfinite", "step": step + i, "metric": name, "value": repr(value)})
-                            raise NonFiniteError(
-                                f"non-finite {name} ({value}) at step {step + i} (the update computed from the "
-                                f"batch of step {step + i}); stopped before saving, the last good checkpoint "
-                                f"is step {last} in {ckpt.directory}."
-                            )
-                    history.append({name: np.asarray(v[i]) for name, v in metrics.items()})
+                bad = _first_nonfinite(metrics, step)
+                if bad is not None:
+                    bad_step, name, value = bad
+                    log({"event": "nonfinite", "step": bad_step, "metric": name, "value": repr(value)})
+                    raise NonFiniteError(
+                        f"non-finite {name} ({value}) at step {bad_step} (the update computed from the batch of "
+                        f"step {bad_step}); stopped before saving, the last good checkpoint is step "
+                        f"{ckpt.latest_step()} in {ckpt.directory}."
+                    )
+                history.extend({name: v[i] for name, v in metrics.items()} for i in range(n))
                 step += n
                 bar.update(n)
 

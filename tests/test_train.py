@@ -252,6 +252,32 @@ def test_resume_in_a_new_process_is_bitwise_exact(tmp_path, uninterrupted):
     chex.assert_trees_all_equal(resumed, uninterrupted)
 
 
+class _CountingSource:
+    """A stateful data source (next_batch / state / restore) over the same batches as ``batch_at``."""
+
+    def __init__(self, batch_at):
+        self.batch_at, self.position = batch_at, 0
+
+    def next_batch(self):
+        self.position += 1
+        return self.batch_at(self.position - 1)
+
+    def state(self):
+        return {"position": self.position}
+
+    def restore(self, state):
+        self.position = state["position"]
+
+
+def test_stateful_data_source_resumes_exactly(tmp_path, uninterrupted):
+    loss_fn, params, batch_at = _toy()
+    _run(tmp_path, 20, toy=(loss_fn, params, _CountingSource(batch_at)))
+    state = _run(tmp_path, 40, toy=(loss_fn, params, _CountingSource(batch_at)))
+    with Checkpointer(os.path.join(tmp_path, "checkpoints")) as ckpt:
+        assert ckpt.restore(40)[1]["data_state"] == {"position": 40}
+    chex.assert_trees_all_equal(state, uninterrupted)
+
+
 def test_sigkill_mid_training_resumes_and_finishes(tmp_path, uninterrupted):
     proc = subprocess.Popen(_worker_cmd("train", tmp_path, num_steps=40, sleep=0.05),
                             env=_worker_env(), stderr=subprocess.PIPE, text=True)

@@ -49,6 +49,7 @@ def make_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False
         ``model_fn(x, sigma) -> [B, *D]``; ``sigma`` may be a scalar or ``[B]``.
 
     Example:
+        >>> from dsm_jax.models import NoiseConditionalMLP
         >>> model = NoiseConditionalMLP(width=32, depth=1)
         >>> params = init_params(model, jax.random.key(0), jnp.zeros((1, 2)))
         >>> model_fn = make_model_fn(model, params, scale_by_sigma=True)

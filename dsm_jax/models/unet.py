@@ -7,9 +7,10 @@ self-attention at the resolutions listed, a strided-conv downsampling; a
 middle block; the mirror path with skip concatenations and nearest-neighbour
 upsampling; GroupNorm -> SiLU -> a zero-initialised 3x3 output convolution.
 
-The defaults (32 base channels, multipliers (1, 2), one block per
-resolution, no attention) give a model of about 0.3M parameters that trains
-on 8x8 digits on a 2-core CPU.
+Sizes for 8x8 digits on a 2-core CPU (batch 128, one noise level per
+example): the defaults (32 base channels, multipliers (1, 2), one block per
+resolution, no attention) have 0.64M parameters and take about 0.12 s per
+training step; ``channels=16`` has 0.16M and takes about 0.05 s.
 
 References:
     Ronneberger, Fischer & Brox, "U-Net", MICCAI 2015.
