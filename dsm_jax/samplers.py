@@ -973,8 +973,6 @@ def denoise_observation(
     key: jax.Array,
     *,
     num_steps: int,
-    snr=0.16,
-    corrector_steps: int = 1,
     predictor: Predictor = reverse_diffusion_predictor,
     final_denoise: bool = True,
     parameterization: str = "score",
@@ -989,40 +987,41 @@ def denoise_observation(
     ``scale(t*) y = scale(t*) x + sigma(t*) eps``. The reverse SDE started at
     ``x_{t*} = scale(t*) y`` and run to ``t_min`` therefore samples
     ``p(x_0 | x_{t*})``, the posterior (exactly, for an exact score and a
-    fine grid). For the posterior *mean* (the MMSE denoiser) use
+    fine grid). There is no corrector: Langevin correction at time ``t``
+    targets the unconditional marginal ``p_t`` and would forget ``y``.
+    For the posterior *mean* (the MMSE denoiser) use
     :func:`dsm_jax.tweedie.denoise` instead: one model call.
 
     Args:
         model_fn: ``model_fn(x, sigma) -> out``.
         sde: a :class:`dsm_jax.sde.SDE`; ``sigma_y`` must lie in its range
-            ``(noise_ratio(t_min), noise_ratio(T))``.
+            ``(noise_ratio(t_min), noise_ratio(T)]``.
         y: noisy observations ``[B, *D]``.
         sigma_y: their noise level, scalar or ``[B]``.
         key: PRNG key.
-        num_steps, snr, corrector_steps, predictor, final_denoise,
-            parameterization, t_min, return_trajectory, trajectory_every: as in
-            :func:`predictor_corrector` (the grid runs from ``t*`` to ``t_min``).
+        num_steps: predictor steps from ``t*`` to ``t_min``.
+        predictor, final_denoise, parameterization, t_min, return_trajectory,
+            trajectory_every: as in :func:`predictor_corrector`.
 
     Returns:
-        :class:`SampleResult`.
+        :class:`SampleResult`, ``nfe = num_steps + final_denoise``.
     """
     num_steps = _check_sde_sampler(model_fn, sde, y, num_steps, parameterization, name="y")
-    corrector_steps = _check_pc(snr, corrector_steps)
-    sigma_y = broadcast_sigma(sigma_y, y) if jnp.ndim(sigma_y) else jnp.asarray(sigma_y, y.dtype)
     check_positive_number("sigma_y", sigma_y)
+    sigma_y = broadcast_sigma(sigma_y, y) if jnp.ndim(sigma_y) else jnp.asarray(sigma_y, y.dtype)
     t_end = sde.t_min if t_min is None else t_min
     if is_concrete(sigma_y):
         lo, hi = float(sde.noise_ratio(t_end)), float(sde.noise_ratio(sde.T))
         s = np.asarray(sigma_y)
-        if np.any(s <= lo) or np.any(s > hi):
-            raise ValueError(f"sigma_y must lie in ({lo:.4g}, {hi:.4g}] for this SDE, got {sigma_y!r}.")
-    t_star = sde.t_from_noise_ratio(sigma_y)
+        if np.any(s <= lo) or np.any(s > hi * (1 + 1e-6)):
+            raise ValueError(f"sigma_y must lie in ({lo:.4g}, {hi:.4g}] for this SDE, got {np.asarray(sigma_y)!r}.")
+    t_star = jnp.minimum(sde.t_from_noise_ratio(sigma_y), sde.T)
     # A [num_steps + 1] grid, or [num_steps + 1, B] for per-example sigma_y.
     frac = jnp.linspace(0.0, 1.0, num_steps + 1).reshape((-1,) + (1,) * t_star.ndim)
     ts = t_star + frac * (t_end - t_star)
     x_init = _per_example(sde.scale(t_star), y) * y
     every = _trajectory_every(return_trajectory, trajectory_every, num_steps)
     return _reverse_sde(
-        model_fn, sde, x_init, key, ts, predictor=predictor, corrector_steps=corrector_steps, snr=snr,
+        model_fn, sde, x_init, key, ts, predictor=predictor, corrector_steps=0, snr=None,
         parameterization=parameterization, final_denoise=final_denoise, every=every,
     )

@@ -48,7 +48,7 @@ from flax import struct
 from dsm_jax._checks import check_batched, check_positive_number, is_concrete
 from dsm_jax.parameterization import expand_to
 
-__all__ = ["SDE", "VESDE", "VPSDE", "SubVPSDE"]
+__all__ = ["SDE", "VESDE", "VPSDE", "SubVPSDE", "exact_score_model"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -300,7 +300,8 @@ class VPSDE(_BetaSchedule):
         return jnp.exp(-0.5 * b), jnp.sqrt(-jnp.expm1(-b))
 
     def scale_for_sigma(self, sigma):
-        return jnp.sqrt(1.0 - _t_like(sigma) ** 2)
+        sigma = _t_like(sigma)
+        return jnp.sqrt((1.0 - sigma) * (1.0 + sigma))  # no cancellation in 1 - sigma^2
 
     def t_from_noise_ratio(self, ratio):
         # sigma^2 / scale^2 = exp(B) - 1 = ratio^2.
@@ -339,3 +340,31 @@ class SubVPSDE(_BetaSchedule):
         ratio = _t_like(ratio)
         a = 2.0 / (jnp.sqrt(ratio**2 + 4.0) + ratio)
         return self._t_from_integrated_beta(-2.0 * jnp.log(a))
+
+
+def exact_score_model(distribution, sde: SDE):
+    """A closed-form ``model_fn(x, sigma)`` ("score" parameterization) for an SDE.
+
+    Returns the exact score of the noised marginal
+    ``distribution.convolve(sigma, scale=sde.scale_for_sigma(sigma))`` for
+    each example's sigma, for any ground-truth distribution with
+    ``convolve`` and ``score`` (:mod:`dsm_jax.distributions`). Use it to check
+    a sampler or a likelihood against the exact answer, or as the reference
+    a trained network should approach.
+
+    Example:
+        >>> gmm = GaussianMixture(jnp.array([0.5, 0.5]), jnp.array([[2.0, 2.0], [-2.0, -2.0]]), jnp.full((2, 2), 0.25))
+        >>> model_fn = exact_score_model(gmm, VPSDE())
+        >>> model_fn(jnp.zeros((3, 2)), jnp.full((3,), 0.5)).shape
+        (3, 2)
+    """
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be a dsm_jax.sde.SDE, got {sde!r}.")
+
+    def model_fn(x, sigma):
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype).reshape(-1), (x.shape[0],))
+        scale = sde.scale_for_sigma(sigma)
+        one = lambda xi, si, ai: distribution.convolve(si, scale=ai).score(xi[None])[0]
+        return jax.vmap(one)(x, sigma, scale)
+
+    return model_fn

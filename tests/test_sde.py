@@ -1,0 +1,167 @@
+"""SDEs against their closed forms, and the continuous-time DSM loss."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsm_jax.distributions import Gaussian, GaussianMixture
+from dsm_jax.losses import sde_dsm_loss
+from dsm_jax.sde import SDE, SubVPSDE, VESDE, VPSDE, exact_score_model
+
+SDES = [VESDE(0.01, 20.0), VPSDE(0.1, 20.0), SubVPSDE(0.1, 20.0)]
+IDS = ["ve", "vp", "subvp"]
+TIMES = jnp.array([1e-4, 0.01, 0.2, 0.5, 0.9, 1.0])
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_marginal_solves_the_moment_odes(sde, x64):
+    """For dx = c(t) x dt + g(t) dw the marginal of x_0 = const obeys
+    d log scale / dt = c(t) and d sigma^2 / dt = 2 c(t) sigma^2 + g(t)^2:
+    ties drift and diffusion to the marginal, checked with autodiff."""
+    for t in np.asarray(TIMES, dtype=np.float64):
+        t = jnp.float64(t)
+        dlog_scale = jax.grad(lambda u: jnp.log(sde.scale(u)))(t)
+        dvar = jax.grad(lambda u: sde.sigma(u) ** 2)(t)
+        c, g = sde.drift_coefficient(t), sde.diffusion(t)
+        np.testing.assert_allclose(dlog_scale, c, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(dvar, 2 * c * sde.sigma(t) ** 2 + g**2, rtol=1e-8, atol=1e-12)
+
+
+def test_closed_forms():
+    ve, vp, sub = SDES
+    scale, sigma = ve.marginal(jnp.array([0.0, 1.0]))
+    np.testing.assert_allclose(scale, 1.0)
+    np.testing.assert_allclose(sigma, [0.01, 20.0], rtol=1e-6)
+    scale, sigma = vp.marginal(TIMES)
+    np.testing.assert_allclose(scale**2 + sigma**2, 1.0, rtol=1e-6)
+    # B(1) = beta_min + (beta_max - beta_min) / 2 = 10.05.
+    np.testing.assert_allclose(vp.scale(1.0), np.exp(-10.05 / 2), rtol=1e-5)
+    scale, sigma = sub.marginal(TIMES)
+    np.testing.assert_allclose(sigma, 1.0 - scale**2, rtol=1e-5, atol=1e-7)
+    # sub-VP has less variance than VP at every time.
+    assert np.all(np.asarray(sub.sigma(TIMES)) < np.asarray(vp.sigma(TIMES)))
+    x = jnp.ones((3, 2))
+    np.testing.assert_allclose(vp.drift(x, 0.5), -0.5 * vp.beta(0.5) * x, rtol=1e-6)
+    np.testing.assert_allclose(ve.drift(x, jnp.array([0.1, 0.2, 0.3])), 0.0)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_inverse_maps(sde):
+    ratio = sde.noise_ratio(TIMES)
+    np.testing.assert_allclose(sde.t_from_noise_ratio(ratio), TIMES, rtol=2e-3, atol=1e-6)
+    scale, sigma = sde.marginal(TIMES[1:-1])
+    # float32 sigma carries a relative error ~6e-8; scale(sigma) amplifies it by
+    # |d log scale / d log sigma| = sigma^2 / scale^2 (VP), at most 2 / scale^2 (sub-VP).
+    amplification = 2.0 * np.asarray(sigma) ** 2 / np.asarray(scale) ** 2
+    np.testing.assert_allclose(sde.scale_for_sigma(sigma), scale, rtol=4 * 6e-8 * np.max(amplification) + 1e-6)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_prior(sde, getkey):
+    z = sde.prior_sample(getkey(), (4000, 3))
+    assert z.shape == (4000, 3)
+    # Sample std of 12000 N(0, s^2) values: relative SE sqrt(1 / (2 n)) = 0.0065; 5 SE.
+    np.testing.assert_allclose(jnp.std(z), sde.prior_std, rtol=5 * np.sqrt(1 / (2 * z.size)))
+    ref = Gaussian(jnp.zeros(3), jnp.full(3, float(sde.prior_std) ** 2))
+    np.testing.assert_allclose(sde.prior_log_prob(z[:10]), ref.log_prob(z[:10]), rtol=1e-5)
+    assert sde.prior_log_prob(jnp.zeros((2, 2, 2))).shape == (2,)
+
+
+def test_pytree_jit_vmap_immutable():
+    ve = VESDE(0.01, 20.0)
+    leaves, treedef = jax.tree.flatten(ve)
+    assert len(leaves) == 2
+    assert jax.tree.unflatten(treedef, leaves) == ve
+    np.testing.assert_allclose(jax.jit(lambda s: s.sigma(0.5))(ve), ve.sigma(0.5), rtol=1e-6)
+    stacked = VPSDE(jnp.array([0.1, 0.2]), jnp.array([20.0, 10.0]))
+    out = jax.vmap(lambda s: s.sigma(0.3))(stacked)
+    np.testing.assert_allclose(out, [VPSDE(0.1, 20.0).sigma(0.3), VPSDE(0.2, 10.0).sigma(0.3)], rtol=1e-6)
+    with pytest.raises(Exception):
+        ve.sigma_max = 3.0
+    assert isinstance(ve, SDE) and ve.T == 1.0 and ve.t_min == 1e-5
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: VESDE(1.0, 0.5), "sigma_max"),
+        (lambda: VESDE(-0.1, 5.0), "sigma_min"),
+        (lambda: VPSDE(0.1, -1.0), "beta_max"),
+        (lambda: VPSDE(5.0, 1.0), "beta_max"),
+        (lambda: SubVPSDE(float("nan"), 1.0), "beta_min"),
+        (lambda: VESDE(0.01, 5.0, t_min=1.5), "t_min"),
+        (lambda: VPSDE().prior_sample(jax.random.key(0), (3,)), "shape"),
+    ],
+)
+def test_bad_input(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# ---------------------------------------------------------------------------
+# Continuous-time DSM
+# ---------------------------------------------------------------------------
+
+GMM = GaussianMixture(jnp.array([0.3, 0.7]), jnp.array([[-1.0, 0.5], [1.5, -0.5]]), jnp.array([[0.3, 0.2], [0.5, 0.4]]))
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_sde_dsm_loss_parameterizations_agree(sde, getkey):
+    """The same exact model written as score, eps and x0 gives the same loss:
+    the VP conversions use the right scale(t)."""
+    score = exact_score_model(GMM, sde)
+    eps_model = lambda x, s: -s[:, None] * score(x, s)
+    x0_model = lambda x, s: (x + s[:, None] ** 2 * score(x, s)) / sde.scale_for_sigma(s)[:, None]
+    x, key = GMM.sample(getkey(), 64), getkey()
+    ref = sde_dsm_loss(score, x, sde, key)
+    np.testing.assert_allclose(sde_dsm_loss(eps_model, x, sde, key, parameterization="eps"), ref, rtol=2e-4)
+    np.testing.assert_allclose(sde_dsm_loss(x0_model, x, sde, key, parameterization="x0"), ref, rtol=2e-3)
+    # Against the formula, with the loss's own draws of t and eps.
+    k_t, k_eps = jax.random.split(key)
+    t = jax.random.uniform(k_t, (64,), minval=1e-5, maxval=1.0)
+    scale, sigma = sde.marginal(t)
+    eps = jax.random.normal(k_eps, x.shape)
+    xt = scale[:, None] * x + sigma[:, None] * eps
+    manual = jnp.mean(sigma**2 * 0.5 * jnp.sum((score(xt, sigma) + eps / sigma[:, None]) ** 2, -1))
+    np.testing.assert_allclose(ref, manual, rtol=1e-5)
+    g2 = sde.diffusion(t) ** 2
+    manual_lik = jnp.mean(g2 * 0.5 * jnp.sum((score(xt, sigma) + eps / sigma[:, None]) ** 2, -1))
+    np.testing.assert_allclose(sde_dsm_loss(score, x, sde, key, weighting="likelihood"), manual_lik, rtol=1e-5)
+
+
+def test_sde_dsm_loss_is_minimised_by_the_exact_score(getkey):
+    """d/dc L(c * s_true) at c = 1 is E[lambda s . (s + eps / sigma)] = 0 by Stein's
+    identity; at c = 0.7 it is clearly negative. 40 independent batches give a
+    mean and its standard error; the test allows 4 SE."""
+    sde = VPSDE(0.1, 20.0)
+    score = exact_score_model(GMM, sde)
+
+    def grad_at(c, key):
+        k_x, k_l = jax.random.split(key)
+        x = GMM.sample(k_x, 256)
+        return jax.grad(lambda c: sde_dsm_loss(lambda x, s: c * score(x, s), x, sde, k_l, t_min=1e-3))(c)
+
+    keys = jax.random.split(getkey(), 40)
+    for c, sign in ((1.0, 0), (0.7, -1)):
+        grads = np.asarray(jax.jit(jax.vmap(functools.partial(grad_at, c)))(keys))
+        mean, se = grads.mean(), grads.std(ddof=1) / np.sqrt(grads.size)
+        if sign == 0:
+            assert abs(mean) < 4 * se, (mean, se)
+        else:
+            assert mean < -10 * se, (mean, se)
+
+
+def test_sde_dsm_loss_bad_input(getkey):
+    score = exact_score_model(GMM, VESDE())
+    x = GMM.sample(getkey(), 8)
+    with pytest.raises(ValueError, match="weighting"):
+        sde_dsm_loss(score, x, VESDE(), getkey(), weighting="nope")
+    with pytest.raises(ValueError, match="t_min"):
+        sde_dsm_loss(score, x, VESDE(), getkey(), t_min=2.0)
+    with pytest.raises(ValueError, match="t_min"):
+        sde_dsm_loss(score, x, VESDE(), getkey(), t_min=0.0)
+    with pytest.raises(ValueError, match="parameterization"):
+        sde_dsm_loss(score, x, VESDE(), getkey(), parameterization="v")
