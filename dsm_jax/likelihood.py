@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from dsm_jax._checks import check_batched, check_choice, check_positive_int
 from dsm_jax.divergence import PROBES, exact_divergence_and_value, hutchinson_divergence_and_value
 from dsm_jax.parameterization import ModelFn
-from dsm_jax.samplers import _check_ode_options, _check_sde, _check_sde_sampler, _ode_drift, _solve_ode, _time_grid, _time_score_fn
+from dsm_jax.samplers import _check_model_input, _check_ode_options, _ode_drift, _solve_ode, _time_grid, _time_score_fn
 from dsm_jax.sde import SDE
 
 __all__ = ["log_likelihood", "bits_per_dim", "uniform_dequantization_offset", "uniform_dequantize"]
@@ -105,8 +105,7 @@ def log_likelihood(
     _check_ode_options(rtol, atol, num_steps, max_steps)
     if trace == "hutchinson" and key is None:
         raise ValueError("key must be a PRNG key when trace='hutchinson', got None.")
-    _check_sde(sde)
-    _check_sde_sampler(model_fn, sde, x, 1, parameterization, name="x")
+    _check_model_input(model_fn, sde, x, parameterization, "x")
     ts = _time_grid(sde, 1, None, t_min)
     t0, t1 = ts[-1], ts[0]  # forward in time: t_min -> T
     drift = _ode_drift(_time_score_fn(model_fn, sde, parameterization), sde)

@@ -227,6 +227,7 @@ def langevin(
         ``samples [B, *D]``, or ``(samples, trajectory [S, B, *D])``.
 
     Example:
+        >>> from dsm_jax.distributions import Gaussian
         >>> g = Gaussian(jnp.zeros(2), jnp.ones(2))
         >>> x = langevin(g.score, jnp.zeros((512, 2)), jax.random.key(0),
         ...              step_size=0.05, num_steps=200)
@@ -334,6 +335,7 @@ def annealed_langevin(
         ``L * steps_per_sigma + final_denoise`` model evaluations.
 
     Example:
+        >>> from dsm_jax.noise import geometric_sigmas
         >>> sigmas = geometric_sigmas(10.0, 0.01, 10)
         >>> x0 = jax.random.uniform(key, (64, 2), minval=-8, maxval=8)     # doctest: +SKIP
         >>> x = jax.jit(lambda x0, k: annealed_langevin(model_fn, x0, k, sigmas,
@@ -503,15 +505,19 @@ def _reverse_sde(
     return SampleResult(x, jnp.asarray(nfe, jnp.int32), _with_start(x_init, traj))
 
 
-def _check_sde_sampler(model_fn, sde, x_init, num_steps, parameterization, name="x_init"):
+def _check_model_input(model_fn, sde, x, parameterization, name):
+    """Static checks shared by the SDE samplers and the likelihood."""
     _check_sde(sde)
-    check_batched(name, x_init)
+    check_batched(name, x)
     check_parameterization(parameterization)
-    num_steps = check_positive_int("num_steps", num_steps)
-    # Raises "model_fn returned shape ..." before any scan is traced.
-    sigma = jnp.ones((x_init.shape[0],), x_init.dtype)
-    jax.eval_shape(lambda x: score_from_model(model_fn, x, sigma, parameterization=parameterization), x_init)
-    return num_steps
+    # Raises "model_fn returned shape ..." before any loop is traced.
+    sigma = jnp.ones((x.shape[0],), x.dtype)
+    jax.eval_shape(lambda z: score_from_model(model_fn, z, sigma, parameterization=parameterization), x)
+
+
+def _check_sde_sampler(model_fn, sde, x_init, num_steps, parameterization, name="x_init"):
+    _check_model_input(model_fn, sde, x_init, parameterization, name)
+    return check_positive_int("num_steps", num_steps)
 
 
 def euler_maruyama(
@@ -548,6 +554,7 @@ def euler_maruyama(
         :class:`SampleResult` with ``nfe = num_steps + final_denoise``.
 
     Example:
+        >>> from dsm_jax.sde import VESDE
         >>> sde = VESDE(0.01, 10.0)
         >>> x = sde.prior_sample(k1, (256, 2))                                    # doctest: +SKIP
         >>> out = jax.jit(lambda x, k: euler_maruyama(model_fn, sde, x, k, num_steps=500))(x, k2)  # doctest: +SKIP
@@ -816,7 +823,7 @@ def probability_flow_ode(
         plus one for the Tweedie step.
     """
     _check_ode_options(rtol, atol, num_steps, max_steps)
-    _check_sde_sampler(model_fn, sde, x_init, 1, parameterization)
+    _check_model_input(model_fn, sde, x_init, parameterization, "x_init")
     ts = _time_grid(sde, 1, None, t_min)
     t0, t1 = ts[0], ts[-1]
     score_fn = _time_score_fn(model_fn, sde, parameterization)
@@ -900,7 +907,7 @@ def inpaint(
     corrector_steps = _check_pc(snr, corrector_steps)
     ts = _time_grid(sde, num_steps, None, t_min)
     every = _trajectory_every(return_trajectory, trajectory_every, num_steps)
-    k_init, k_run = jax.random.split(key)
+    k_init, k_proj, k_run = jax.random.split(key, 3)
 
     def project(x, t, k):
         if t is None:  # after the Tweedie step: the clean observation
@@ -909,7 +916,7 @@ def inpaint(
         noised = scale * y + sigma * jax.random.normal(k, y.shape, y.dtype)
         return mask * noised + (1.0 - mask) * x
 
-    x_init = project(sde.prior_sample(k_init, y.shape).astype(y.dtype), ts[0], k_init)
+    x_init = project(sde.prior_sample(k_init, y.shape).astype(y.dtype), ts[0], k_proj)
     return _reverse_sde(
         model_fn, sde, x_init, k_run, ts, predictor=predictor, corrector_steps=corrector_steps, snr=snr,
         parameterization=parameterization, final_denoise=final_denoise, every=every, project=project,

@@ -179,8 +179,8 @@ class VESDE(SDE):
 
     Example:
         >>> sde = VESDE(0.01, 10.0)
-        >>> sde.marginal(1.0)
-        (Array(1., dtype=float32), Array(10., dtype=float32))
+        >>> [round(float(v), 4) for v in sde.marginal(1.0)]   # (scale, sigma) at T
+        [1.0, 10.0]
     """
 
     sigma_min: float = 0.01
@@ -353,6 +353,7 @@ def exact_score_model(distribution, sde: SDE):
     a trained network should approach.
 
     Example:
+        >>> from dsm_jax.distributions import GaussianMixture
         >>> gmm = GaussianMixture(jnp.array([0.5, 0.5]), jnp.array([[2.0, 2.0], [-2.0, -2.0]]), jnp.full((2, 2), 0.25))
         >>> model_fn = exact_score_model(gmm, VPSDE())
         >>> model_fn(jnp.zeros((3, 2)), jnp.full((3,), 0.5)).shape

@@ -61,6 +61,7 @@ def posterior_mean(score_fn: ScoreFn, x_noisy: jax.Array, sigma, *, scale=1.0) -
         ``[B, *D]``.
 
     Example:
+        >>> from dsm_jax.distributions import Gaussian
         >>> g = Gaussian(jnp.zeros(2), jnp.ones(2))           # x ~ N(0, I)
         >>> y = jnp.ones((1, 2))
         >>> posterior_mean(g.convolve(1.0).score, y, 1.0)    # shrinks y by 1/2
