@@ -391,3 +391,24 @@ _bad_shape_model = lambda x, sigma: x[:, :1]
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_parameterizations_give_the_same_samples():
+    """The same exact model as score, eps, x0 and energy: identical EM samples on
+    the VP SDE (the conversions use scale(t) and sigma(t) correctly)."""
+    sde = SDES["vp"]
+    score = exact_score_model(MIX, sde)
+    models = {
+        "score": score,
+        "eps": _eps_model(score),
+        "x0": lambda x, s: (x + s[:, None] ** 2 * score(x, s)) / sde.scale_for_sigma(s)[:, None],
+        "energy": lambda x, s: -jax.vmap(
+            lambda xi, si: MIX.convolve(si, scale=sde.scale_for_sigma(si)).log_prob(xi[None])[0]
+        )(x, s),
+    }
+    x_init = sde.prior_sample(jax.random.key(0), (64, 2))
+    out = jax.jit(
+        lambda x, k: {p: S.euler_maruyama(m, sde, x, k, num_steps=50, parameterization=p).samples for p, m in models.items()}
+    )(x_init, jax.random.key(1))
+    for p in ("eps", "x0", "energy"):
+        np.testing.assert_allclose(out[p], out["score"], rtol=1e-3, atol=1e-3, err_msg=p)
