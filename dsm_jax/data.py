@@ -59,6 +59,7 @@ from dsm_jax.distributions import GaussianMixture
 __all__ = [
     "BatchSource",
     "DATASETS",
+    "DIGITS_RANGE",
     "Dataset",
     "MIXTURES",
     "TOY_DATASETS",
