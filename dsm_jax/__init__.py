@@ -2,20 +2,67 @@
 
 Pure functions of arrays, PRNG keys and callables. A model is any callable
 ``model_fn(x, sigma) -> array`` with ``x: [B, *D]`` and ``sigma: [B]``.
+
+Submodules: ``distributions`` (ground truth), ``divergence`` (jvp traces),
+``noise``, ``losses``, ``sde``, ``samplers``, ``likelihood``, ``tweedie``,
+``models``, ``train``, ``checkpoint``, ``data``, ``metrics``, ``plotting``
+(matplotlib, optional) and ``cli``.
 """
 
-from dsm_jax import distributions, divergence, losses, noise, parameterization
-from dsm_jax.distributions import Gaussian, GaussianMixture
-from dsm_jax.divergence import exact_divergence, hutchinson_divergence
-from dsm_jax.losses import (
+import os as _os
+
+
+def _xla_cpu_workaround() -> None:
+    """Works around a miscompilation in the jaxlib 0.10.2 CPU backend.
+
+    With jaxlib 0.10.2, jitted element-wise chains fused by the experimental YNN
+    CPU fusion return wrong values for leading dimensions >= 16384 (reported
+    upstream as jax issue 39103). Turning that fusion off restores exact results
+    and costs nothing measurable here. The flag only exists in that release, so
+    it is only set there; it takes effect if no computation has run yet (XLA
+    reads the flags when the CPU client is created). Set
+    ``DSM_JAX_NO_XLA_WORKAROUND=1`` to leave ``XLA_FLAGS`` untouched.
+    """
+    if _os.environ.get("DSM_JAX_NO_XLA_WORKAROUND"):
+        return
+    try:
+        from importlib.metadata import version
+
+        if version("jaxlib") != "0.10.2":
+            return
+    except Exception:  # pragma: no cover - metadata missing
+        return
+    flags = _os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" not in flags:
+        _os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
+
+_xla_cpu_workaround()
+
+from dsm_jax import (  # noqa: E402
+    distributions,
+    divergence,
+    likelihood,
+    losses,
+    noise,
+    parameterization,
+    samplers,
+    sde,
+    tweedie,
+)
+from dsm_jax.distributions import Gaussian, GaussianMixture  # noqa: E402
+from dsm_jax.divergence import exact_divergence, hutchinson_divergence  # noqa: E402
+from dsm_jax.likelihood import bits_per_dim, log_likelihood  # noqa: E402
+from dsm_jax.losses import (  # noqa: E402
     dsm_loss,
     explicit_score_matching_loss,
     multiscale_dsm_loss,
     per_sigma_dsm_losses,
+    sde_dsm_loss,
     sliced_score_matching_loss,
     sure_loss,
 )
-from dsm_jax.noise import (
+from dsm_jax.noise import (  # noqa: E402
     geometric_sigmas,
     get_weighting,
     ncsnv2_num_levels,
@@ -23,22 +70,64 @@ from dsm_jax.noise import (
     ncsnv2_step_size,
     sample_log_uniform_sigmas,
 )
-from dsm_jax.parameterization import as_score_fn, score_from_model
+from dsm_jax.parameterization import as_score_fn, score_from_model  # noqa: E402
+from dsm_jax.samplers import (  # noqa: E402
+    SampleResult,
+    annealed_langevin,
+    ddim,
+    ddpm,
+    denoise_observation,
+    euler_maruyama,
+    inpaint,
+    inpaint_annealed_langevin,
+    langevin,
+    predictor_corrector,
+    probability_flow_ode,
+)
+from dsm_jax.sde import SDE, VESDE, VPSDE, SubVPSDE  # noqa: E402
+from dsm_jax.tweedie import denoise, posterior_covariance, posterior_mean  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Heavier modules (flax, optax, orbax, scikit-learn, matplotlib) load on first use.
+    import importlib
+
+    if name in ("models", "train", "checkpoint", "data", "metrics", "plotting", "cli"):
+        return importlib.import_module(f"dsm_jax.{name}")
+    raise AttributeError(f"module 'dsm_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "Gaussian",
     "GaussianMixture",
+    "SDE",
+    "SampleResult",
+    "SubVPSDE",
+    "VESDE",
+    "VPSDE",
+    "annealed_langevin",
     "as_score_fn",
+    "bits_per_dim",
+    "ddim",
+    "ddpm",
+    "denoise",
+    "denoise_observation",
     "distributions",
     "divergence",
     "dsm_loss",
+    "euler_maruyama",
     "exact_divergence",
     "explicit_score_matching_loss",
     "geometric_sigmas",
     "get_weighting",
     "hutchinson_divergence",
+    "inpaint",
+    "inpaint_annealed_langevin",
+    "langevin",
+    "likelihood",
+    "log_likelihood",
     "losses",
     "multiscale_dsm_loss",
     "ncsnv2_num_levels",
@@ -47,8 +136,16 @@ __all__ = [
     "noise",
     "parameterization",
     "per_sigma_dsm_losses",
+    "posterior_covariance",
+    "posterior_mean",
+    "predictor_corrector",
+    "probability_flow_ode",
     "sample_log_uniform_sigmas",
+    "samplers",
     "score_from_model",
+    "sde",
+    "sde_dsm_loss",
     "sliced_score_matching_loss",
     "sure_loss",
+    "tweedie",
 ]

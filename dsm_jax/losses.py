@@ -264,9 +264,14 @@ def multiscale_dsm_loss(
         A scalar, or ``(scalar, [L])`` with ``return_per_sigma``.
 
     Example:
+        >>> from dsm_jax.noise import geometric_sigmas
         >>> sigmas = geometric_sigmas(1.0, 0.01, 10)
-        >>> loss = multiscale_dsm_loss(model_fn, x, sigmas, key)  # doctest: +SKIP
-        >>> grads = jax.grad(lambda p: multiscale_dsm_loss(partial(apply, p), x, sigmas, key))(params)  # doctest: +SKIP
+        >>> model_fn = lambda x, sigma: -x / (1.0 + sigma[:, None] ** 2)  # exact for N(0, I)
+        >>> x = jax.random.normal(jax.random.key(0), (256, 2))
+        >>> loss, per_sigma = multiscale_dsm_loss(
+        ...     model_fn, x, sigmas, jax.random.key(1), return_per_sigma=True)
+        >>> per_sigma.shape
+        (10,)
     """
     check_batched("x", x)
     check_sigma_schedule(sigmas, decreasing=False)

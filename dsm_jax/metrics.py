@@ -106,7 +106,8 @@ def fisher_divergence(score_fn: ScoreFn, target_score_fn: ScoreFn, x: jax.Array,
         A scalar.
 
     Example:
-        >>> g = Gaussian(jnp.zeros(2), jnp.ones(2))
+        >>> from dsm_jax.distributions import Gaussian
+        >>> g = Gaussian(jnp.zeros(2), jnp.eye(2))
         >>> x = g.sample(jax.random.key(0), 1000)
         >>> fisher_divergence(lambda z: -0.5 * z, g.score, x, relative=True)   # s = s*/2
         Array(0.25, dtype=float32)

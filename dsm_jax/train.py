@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from dsm_jax._checks import check_choice, check_positive_int, check_positive_number, check_sigma_schedule
 from dsm_jax.checkpoint import Checkpointer
+from dsm_jax.data import shard_batch
 from dsm_jax.losses import SIGMA_SAMPLING, multiscale_dsm_loss
 from dsm_jax.models.apply import make_model_fn
 from dsm_jax.noise import Weighting, get_weighting
@@ -339,18 +340,11 @@ class _Batches:
 
 
 def _shard(batch: Any, num_devices: int, step: int) -> Any:
-    """``[B, ...] -> [devices, B / devices, ...]`` for every leaf (host numpy)."""
-
-    def split(a):
-        a = np.asarray(a)
-        if a.ndim == 0 or a.shape[0] % num_devices:
-            raise ValueError(
-                f"the global batch (leading dim of the batch of step {step}, shape {a.shape}) must be "
-                f"divisible by the number of devices {num_devices}."
-            )
-        return a.reshape((num_devices, a.shape[0] // num_devices) + a.shape[1:])
-
-    return jax.tree.map(split, batch)
+    """``[B, ...] -> [devices, B / devices, ...]`` for every leaf, naming the step on error."""
+    try:
+        return shard_batch(batch, num_devices)
+    except ValueError as err:
+        raise ValueError(f"batch of step {step}: {err}") from None
 
 
 def _chunk_length(step: int, steps_per_call: int, save_every: int, num_steps: int) -> int:

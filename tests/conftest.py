@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import dsm_jax  # noqa: E402,F401  (applies the XLA CPU workaround before any computation)
+
 import jax
 import pytest
 

@@ -8,6 +8,7 @@ at each assertion.
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -278,3 +279,16 @@ def test_shard_batch():
     np.testing.assert_array_equal(sharded["x"].reshape(8, 3), batch["x"])
     with pytest.raises(ValueError, match=r"leading dimension of shape \(8, 3\)\) must be divisible by num_devices=3"):
         D.shard_batch(batch, 3)
+
+
+def test_large_batch_jit_matches_numpy():
+    # Regression for the jaxlib 0.10.2 CPU miscompilation of fused element-wise
+    # chains at leading dimension >= 16384 (worked around in dsm_jax/__init__.py).
+    import dsm_jax  # noqa: F401  (sets the XLA flag before the CPU client exists)
+
+    x = np.random.RandomState(0).randn(20000, 2).astype(np.float32)
+    w = np.linspace(-1.0, 1.0, 128, dtype=np.float32).reshape(2, 64)
+    got = np.asarray(jax.jit(lambda x: jnp.sum(jnp.tanh(x @ w) ** 2, axis=1))(x))
+    want = np.sum(np.tanh(x.astype(np.float64) @ w) ** 2, axis=1)
+    # float32 sums of 64 terms in [0, 1]: relative error a few 1e-7; the bug gives O(1).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -234,7 +234,7 @@ def test_pmap_four_devices_match_one(tmp_path):
     assert out["moved"] > 1e-3
     assert out["params_diff"] < 1e-5
     assert out["ema_diff"] < 1e-5
-    assert "divisible by the number of devices 4" in out["error"]
+    assert "divisible by num_devices=4" in out["error"]
 
 
 # ---------------------------------------------------------------------------
