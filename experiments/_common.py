@@ -1,0 +1,181 @@
+"""Shared plumbing of the experiment scripts: arguments, quick mode, results, timing, fitting.
+
+Every study is ``python experiments/<study>.py [--quick] [--out DIR]``. Quick
+mode (``--quick`` or the environment variable ``DSM_JAX_QUICK=1``, the switch
+the notebooks use too) shrinks every budget so the test suite can run the
+script end to end in seconds; its numbers are not results. Full runs write
+``<out>/<study>.json`` (numbers, settings, machine, date) and PNG figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import dsm_jax  # noqa: F401  (XLA CPU workaround before the first computation)
+import jax
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def quick_from_env() -> bool:
+    """True when ``DSM_JAX_QUICK`` is set to 1/true/yes."""
+    return os.environ.get("DSM_JAX_QUICK", "").strip().lower() in ("1", "true", "yes")
+
+
+def parse_args(description: str, argv: Optional[list] = None, **extra) -> argparse.Namespace:
+    """``--quick`` and ``--out`` (plus ``extra`` as ``name=(type, default, help)``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny budgets, for the tests (also DSM_JAX_QUICK=1)")
+    parser.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS_DIR})")
+    parser.add_argument("--seed", type=int, default=0)
+    for name, (typ, default, help_) in extra.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=default, help=help_)
+    args = parser.parse_args(argv)
+    args.quick = args.quick or quick_from_env()
+    if args.out is None:
+        args.out = RESULTS_DIR / "quick" if args.quick else RESULTS_DIR
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def machine_info() -> dict:
+    """The machine and versions a result was measured on."""
+    import flax
+    import optax
+
+    return {
+        "date": datetime.date.today().isoformat(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+    }
+
+
+def _to_builtin(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _to_builtin(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_builtin(v) for v in obj]
+    if isinstance(obj, (np.ndarray, jax.Array)):
+        return _to_builtin(np.asarray(obj).tolist())
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def save_results(args: argparse.Namespace, name: str, results: dict, settings: dict) -> Path:
+    """Writes ``<out>/<name>.json`` atomically (a temporary file, then a rename)."""
+    payload = {
+        "study": name,
+        "quick": bool(args.quick),
+        "seed": args.seed,
+        "settings": settings,
+        "results": results,
+        "machine": machine_info(),
+    }
+    path = Path(args.out) / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_to_builtin(payload), indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path
+
+
+def save_figure(fig, args: argparse.Namespace, name: str) -> Path:
+    """Saves a matplotlib figure as ``<out>/<name>.png``."""
+    path = Path(args.out) / f"{name}.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    print(f"wrote {path}")
+    return path
+
+
+def block(tree: Any) -> Any:
+    """Waits for every array in ``tree``."""
+    return jax.block_until_ready(tree)
+
+
+def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``fn()`` (blocked) after ``warmup`` calls."""
+    for _ in range(warmup):
+        block(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        block(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def fit(
+    loss_fn: Callable,
+    params: Any,
+    batch_at: Callable[[int], Any],
+    *,
+    num_steps: int,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    steps_per_call: int = 50,
+    time_budget: Optional[float] = None,
+    grad_clip_norm: Optional[float] = 1.0,
+) -> tuple:
+    """In-memory training with the library's pure train step (no checkpoints).
+
+    ``loss_fn(params, batch, key) -> loss`` or ``(loss, aux)``; ``batch_at(step)``
+    returns the batch of a step. ``steps_per_call`` steps run in one jitted
+    ``lax.scan``. Stops after ``num_steps`` or, with ``time_budget`` seconds,
+    at the first call boundary past the budget (compilation excluded).
+
+    Returns:
+        ``(state, info)`` with ``info = {"steps", "seconds", "losses"}``
+        (``losses`` the mean loss of each call).
+    """
+    from dsm_jax.train import create_train_state, make_optimizer, make_train_step
+
+    optimizer = make_optimizer(learning_rate, grad_clip_norm=grad_clip_norm)
+    state = create_train_state(params, optimizer)
+    step_fn = make_train_step(loss_fn, optimizer, ema_decay=ema_decay)
+    base = jax.random.key(seed)
+
+    @jax.jit
+    def run(state, batches, steps):
+        def body(s, xs):
+            batch, step = xs
+            s, metrics = step_fn(s, batch, jax.random.fold_in(base, step))
+            return s, metrics["loss"]
+
+        return jax.lax.scan(body, state, (batches, steps))
+
+    def batches_for(start, n):
+        stacked = [batch_at(s) for s in range(start, start + n)]
+        return jax.tree.map(lambda *b: np.stack(b), *stacked), np.arange(start, start + n)
+
+    k = max(1, min(steps_per_call, num_steps))
+    block(run(state, *batches_for(0, k)))  # compile outside the clock
+    losses, step, t0 = [], 0, time.perf_counter()
+    while step < num_steps:
+        n = min(k, num_steps - step)
+        state, loss = run(state, *batches_for(step, n))
+        losses.append(float(np.mean(np.asarray(loss))))
+        step += n
+        if time_budget is not None and time.perf_counter() - t0 > time_budget:
+            break
+    block(state)
+    return state, {"steps": step, "seconds": time.perf_counter() - t0, "losses": losses}
