@@ -39,7 +39,7 @@ from dsm_jax.divergence import (
     hutchinson_divergence_and_value,
     sample_probes,
 )
-from dsm_jax.noise import Weighting, get_weighting
+from dsm_jax.noise import Weighting, get_weighting, sample_log_uniform_sigmas
 from dsm_jax.parameterization import (
     broadcast_sigma,
     check_parameterization,
@@ -47,7 +47,7 @@ from dsm_jax.parameterization import (
     score_from_model,
 )
 
-SIGMA_SAMPLING = ("all", "random")
+SIGMA_SAMPLING = ("all", "random", "log_uniform", "stratified")
 TRACES = ("exact", "hutchinson")
 
 
@@ -191,7 +191,10 @@ def dsm_loss(
 
 
 def _per_level_losses(model_fn, x, sigmas, key, parameterization, scale):
-    """[L, B] per-example DSM losses, vmapped over the levels (one key per level)."""
+    """[L, B] per-example DSM losses, vmapped over the levels (one key per level).
+
+    ``sigmas`` is ``[L]`` (one level per row) or ``[L, B]`` (per-example levels per row).
+    """
     keys = jax.random.split(key, sigmas.shape[0])
 
     def one_level(sigma, k):
@@ -226,6 +229,22 @@ def per_sigma_dsm_losses(
     return jnp.mean(_per_level_losses(model_fn, x, sigmas, key, parameterization, scale), axis=1)
 
 
+def _jitter_in_log_cells(sigmas: jax.Array, u: jax.Array) -> jax.Array:
+    """``[L, B]`` levels, row ``i`` log-uniform in the cell of ``sigmas[i]``.
+
+    The cell of a level spans half-way (in log sigma) to each neighbour; the
+    end cells are symmetric about their level. With a geometric grid the
+    cells tile ``[sigma_1 gamma^{1/2}, sigma_L gamma^{-1/2}]``.
+    """
+    logs = jnp.log(sigmas)
+    if sigmas.shape[0] == 1:
+        return jnp.broadcast_to(sigmas[:, None], u.shape)
+    half = jnp.diff(logs) / 2  # [L-1], signed
+    lower = jnp.concatenate([-half[:1], -half])  # towards the previous level
+    upper = jnp.concatenate([half, half[-1:]])  # towards the next level
+    return jnp.exp(logs[:, None] + lower[:, None] + u * (upper - lower)[:, None])
+
+
 def multiscale_dsm_loss(
     model_fn,
     x: jax.Array,
@@ -246,6 +265,14 @@ def multiscale_dsm_loss(
     * ``sigma_sampling="random"``: one level per example, drawn uniformly
       (Song & Ermon 2019): ``E_i E_x lambda(sigma_i) l(x, sigma_i)``, the same
       expectation at 1/L of the cost.
+    * ``sigma_sampling="log_uniform"``: one continuous level per example,
+      ``log sigma ~ U(log min sigmas, log max sigmas)``: the continuum the
+      geometric grid discretises, so the model is trained between the grid
+      levels too (what reverse-SDE and ODE samplers query).
+    * ``sigma_sampling="stratified"``: every example at every level, each
+      level jittered log-uniformly within its cell of the grid (half-way to
+      its neighbours): the cost and low variance of "all", the continuum of
+      "log_uniform" (a stratified estimate of the same integral).
 
     Args:
         model_fn: ``model_fn(x, sigma) -> out``.
@@ -254,11 +281,12 @@ def multiscale_dsm_loss(
         key: PRNG key.
         weighting: "sigma2" (default), "one", "inv_sigma2" or a callable.
         parameterization: "score", "eps", "x0" or "energy".
-        sigma_sampling: "all" or "random".
+        sigma_sampling: "all", "random", "log_uniform" or "stratified".
         scale: signal scale of the noising.
         return_per_sigma: also return the unweighted per-level losses ``[L]``
             (for "random", the mean over the examples that drew each level;
-            NaN for a level no example drew).
+            for "log_uniform", over those whose sigma is nearest to it in log
+            scale; NaN for a level no example drew).
 
     Returns:
         A scalar, or ``(scalar, [L])`` with ``return_per_sigma``.
@@ -284,10 +312,20 @@ def multiscale_dsm_loss(
     if sigma_sampling == "all":
         per_level = jnp.mean(_per_level_losses(model_fn, x, sigmas, key, parameterization, scale), axis=1)
         loss = jnp.mean(lam(sigmas) * per_level)
+    elif sigma_sampling == "stratified":
+        k_u, k_loss = jax.random.split(key)
+        grid = _jitter_in_log_cells(sigmas, jax.random.uniform(k_u, (num_levels, x.shape[0]), dtype=x.dtype))
+        per_example = _per_level_losses(model_fn, x, grid, k_loss, parameterization, scale)
+        per_level = jnp.mean(per_example, axis=1)
+        loss = jnp.mean(lam(grid) * per_example)
     else:
         k_idx, k_eps = jax.random.split(key)
-        idx = jax.random.randint(k_idx, (x.shape[0],), 0, num_levels)
-        sigma_b = sigmas[idx]
+        if sigma_sampling == "random":
+            idx = jax.random.randint(k_idx, (x.shape[0],), 0, num_levels)
+            sigma_b = sigmas[idx]
+        else:  # log_uniform: continuous levels; diagnostics binned to the nearest grid level
+            sigma_b = sample_log_uniform_sigmas(k_idx, (x.shape[0],), jnp.min(sigmas), jnp.max(sigmas)).astype(x.dtype)
+            idx = jnp.argmin(jnp.abs(jnp.log(sigma_b)[:, None] - jnp.log(sigmas)[None, :]), axis=1)
         eps = jax.random.normal(k_eps, x.shape, dtype=x.dtype)
         per_example = _dsm_per_example(model_fn, x, sigma_b, eps, parameterization, scale)
         loss = jnp.mean(lam(sigma_b) * per_example)

@@ -208,6 +208,42 @@ def test_random_sigma_sampling_has_the_same_expectation():
     assert per.shape == (4,)
 
 
+def test_continuous_sigma_sampling_matches_the_closed_form():
+    # Data N(0, I_d) with its exact noised score s(y, sigma) = -y / (1 + sigma^2):
+    # 1/2 |s(x + sigma eps) + eps / sigma|^2 has mean d / (2 sigma^2 (1 + sigma^2)), so with
+    # lambda = sigma^2 and log sigma ~ U(log a, log b) the loss has mean
+    # d/2 * [u - log(1 + e^{2u}) / 2]_{log a}^{log b} / (log b - log a).
+    d, a, b = 3, 0.1, 3.0
+    model = lambda y, sigma: -y / (1.0 + sigma[:, None] ** 2)
+    keys = jax.random.split(jax.random.key(31), 2000)
+    sigmas = geometric_sigmas(b, a, 5)
+
+    def one(k):
+        kx, kl = jax.random.split(k)
+        x = jax.random.normal(kx, (64, d))
+        return multiscale_dsm_loss(model, x, sigmas, kl, sigma_sampling="log_uniform")
+
+    f = lambda u: u - 0.5 * np.log1p(np.exp(2 * u))
+    expected = lambda lo, hi: d / 2 * (f(np.log(hi)) - f(np.log(lo))) / (np.log(hi) - np.log(lo))
+    draws = jax.vmap(one)(keys)
+    # Mean of 2000 independent draws: 5 standard errors.
+    assert abs(float(draws.mean()) - expected(a, b)) < 5 * float(draws.std()) / np.sqrt(keys.shape[0])
+    # "stratified": every level jittered in its log cell; the 2 cells of the grid (b, a) tile
+    # [a / sqrt(gamma), b * sqrt(gamma)] with gamma = b / a (wide cells: far from the grid's value).
+    two = jnp.array([b, a])
+    strat_and_grid = jax.vmap(lambda k: jnp.stack([
+        multiscale_dsm_loss(model, jax.random.normal(k, (64, d)), two, jax.random.fold_in(k, 1), sigma_sampling=m)
+        for m in ("stratified", "all")]))(keys)
+    strat, grid = strat_and_grid[:, 0], strat_and_grid[:, 1]
+    g = np.sqrt(b / a)
+    tol = 5 * float(strat.std()) / np.sqrt(keys.shape[0])
+    assert abs(float(strat.mean()) - expected(a / g, b * g)) < tol
+    assert abs(float(grid.mean()) - float(strat.mean())) > 5 * tol
+    loss, per = multiscale_dsm_loss(model, jnp.ones((512, d)), sigmas, keys[0], sigma_sampling="log_uniform",
+                                    return_per_sigma=True)
+    assert per.shape == (5,) and np.all(np.isfinite(np.asarray(per)))
+
+
 def test_losses_are_jittable_and_differentiable():
     x = jax.random.normal(jax.random.key(24), (16, 2))
     sigmas = geometric_sigmas(2.0, 0.1, 4)

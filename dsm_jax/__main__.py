@@ -1,0 +1,4 @@
+from dsm_jax.cli import main
+import sys
+
+sys.exit(main())
