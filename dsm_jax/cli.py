@@ -486,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (multi-host; reads the cluster environment)")
+                        help="multi-host: call jax.distributed.initialize() first (arguments detected on TPU pods, "
+                        "Slurm and Open MPI, or given below)")
+    parser.add_argument("--coordinator-address", dest="coordinator_address", help="host:port of process 0")
+    parser.add_argument("--num-processes", dest="num_processes", type=int)
+    parser.add_argument("--process-id", dest="process_id", type=int)
     sub = parser.add_subparsers(dest="command", metavar="{train,sample,evaluate,denoise}")
     sub.required = True
 
@@ -550,7 +554,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.distributed:
-            jax.distributed.initialize()
+            jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                                       num_processes=args.num_processes, process_id=args.process_id)
         if args.command == "train" and args.list:
             return _list()
         return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "denoise": cmd_denoise}[

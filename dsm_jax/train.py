@@ -430,6 +430,7 @@ def train(
     devices: Optional[Sequence[jax.Device]] = None,
     per_example_keys: bool = True,
     handle_signals: bool = True,
+    unroll: Union[int, bool] = 1,
 ) -> TrainState:
     """Trains ``params`` on ``loss_fn`` with data parallelism, EMA, checkpoints and exact resume.
 
@@ -480,6 +481,11 @@ def train(
         devices: devices to pmap over; default ``jax.local_devices()``.
         per_example_keys: see :func:`make_train_step`.
         handle_signals: install the SIGTERM/SIGINT handlers (main thread only).
+        unroll: ``lax.scan`` unrolling of the ``steps_per_call`` steps of a
+            call. Convolutional models on the CPU want ``steps_per_call=1``
+            (no loop) or ``unroll >= 2``: with jaxlib 0.10.2 the digits U-Net
+            ran ~35x slower per step inside a rolled scan (3.6 s against
+            0.1 s), while MLPs gain from scanning (about 1.5x at k = 10).
 
     Returns:
         The final :class:`TrainState` (numpy arrays on the host).
@@ -518,7 +524,12 @@ def train(
             st, metrics = train_step(st, batch, jax.random.fold_in(base_key, st.step))
             return st, metrics
 
-        return jax.lax.scan(body, state, stacked_batches)
+        if jax.tree.leaves(stacked_batches)[0].shape[0] == 1:
+            # A one-step call is straight-line code, no while loop: on the CPU a U-Net step
+            # inside a one-trip scan ran at 3.6 s against 0.1 s outside one (digits, batch 128).
+            st, metrics = body(state, jax.tree.map(lambda a: a[0], stacked_batches))
+            return st, jax.tree.map(lambda a: a[None], metrics)
+        return jax.lax.scan(body, state, stacked_batches, unroll=unroll)
 
     p_run = jax.pmap(run_steps, axis_name=AXIS, in_axes=(0, 0, None), devices=devices, donate_argnums=(0,))
     base_key = jax.random.key(seed)
