@@ -418,30 +418,30 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
+def _sample_command(args, *, save_as_run_metrics: bool) -> int:
+    """``sample`` (new files named after sampler, size and seed) and ``evaluate`` (metrics.json)."""
     workdir = Path(args.workdir)
     run, params = load_trained(workdir)
     sampler = args.sampler or run.config.sampler
     num = args.num or run.config.num_samples
     seed = run.config.seed if args.seed is None else args.seed
-    stem = f"samples_{sampler}_n{num}_seed{seed}"
-    results = _sample_and_evaluate(run, params, workdir, num=num, sampler=sampler, seed=seed,
-                                   samples_name=stem, metrics_name=f"{stem}_metrics.json")
+    names = {} if save_as_run_metrics else {
+        "samples_name": f"samples_{sampler}_n{num}_seed{seed}",
+        "metrics_name": f"samples_{sampler}_n{num}_seed{seed}_metrics.json",
+    }
+    results = _sample_and_evaluate(run, params, workdir, num=num, sampler=sampler, seed=seed, **names)
     _print_metrics(results)
-    _say(f"wrote {workdir / (stem + '.npz')} ({results['nfe']} model evaluations)")
+    written = "metrics.json" if save_as_run_metrics else names["samples_name"] + ".npz"
+    _say(f"wrote {workdir / written} ({results['nfe']} model evaluations per sample)")
     return 0
+
+
+def cmd_sample(args) -> int:
+    return _sample_command(args, save_as_run_metrics=False)
 
 
 def cmd_evaluate(args) -> int:
-    workdir = Path(args.workdir)
-    run, params = load_trained(workdir)
-    sampler = args.sampler or run.config.sampler
-    num = args.num or run.config.num_samples
-    seed = run.config.seed if args.seed is None else args.seed
-    results = _sample_and_evaluate(run, params, workdir, num=num, sampler=sampler, seed=seed)
-    _print_metrics(results)
-    _say(f"wrote {workdir / 'metrics.json'}")
-    return 0
+    return _sample_command(args, save_as_run_metrics=True)
 
 
 def cmd_denoise(args) -> int:
