@@ -16,7 +16,7 @@ import numpy as np
 
 import _common as C
 from dsm_jax.data import BatchSource
-from dsm_jax.metrics import fisher_divergence, mmd2, mmd2_floor, per_sigma_fisher_divergence
+from dsm_jax.metrics import fisher_divergence, mmd2, mmd2_floor, mode_weights, per_sigma_fisher_divergence
 from dsm_jax.models import NoiseConditionalMLP, init_params, make_model_fn
 from dsm_jax.noise import ncsnv2_step_size
 from dsm_jax.samplers import annealed_langevin
@@ -32,6 +32,17 @@ def draw(distribution, key: jax.Array, n: int) -> jax.Array:
 def sampler(distribution) -> Callable:
     """``(key, n) -> samples`` of a distribution, for :func:`dsm_jax.metrics.mmd2_floor`."""
     return functools.partial(draw, distribution)
+
+
+def fisher_on_points(model_fn, mixture, sigmas, x) -> np.ndarray:
+    """Relative Fisher divergence to the exact noised score at each level, on the fixed points ``x`` (one jit)."""
+    x = jnp.asarray(x)
+
+    def one(sigma):
+        sigma_b = jnp.full((x.shape[0],), sigma, x.dtype)
+        return fisher_divergence(lambda z: model_fn(z, sigma_b), mixture.convolve(sigma).score, x, relative=True)
+
+    return np.asarray(jax.jit(lambda s: jax.lax.map(one, s))(jnp.asarray(sigmas, x.dtype)))
 
 
 def relative_fisher(score_fn: Callable, target_score_fn: Callable, x) -> float:
@@ -128,6 +139,32 @@ def mmd_vs_floor(samples, reference: Callable, held_out, key, *, num_pairs: int 
         "bandwidth": float(floor.bandwidth),
         "n": int(n),
         "non_finite_samples": int((~finite).sum()),
+    }
+
+
+def mmd_two_bandwidths(samples, reference: Callable, held_out, key, local: float) -> dict:
+    """:func:`mmd_vs_floor` at the median bandwidth (global shape, mode weights) and at ``local`` (blur)."""
+    return {
+        f"h_{h}": mmd_vs_floor(samples, reference, held_out, key, bandwidth=None if h == "median" else h)
+        for h in ("median", local)
+    }
+
+
+def mode_summary(samples, mixture, true_weights) -> dict:
+    """Mode weights of the finite samples within 3 std of a mode, their total variation to ``true_weights``.
+
+    Weights are zeros when no sample is near any mode (then the TV is 1/2 + 1/2 = 1 by convention).
+    """
+    samples = np.asarray(samples)
+    finite = samples[np.all(np.isfinite(samples), axis=1)]
+    modes = mode_weights(jnp.asarray(finite), mixture, max_mahalanobis=3.0)
+    counts = np.asarray(modes.counts)
+    weights = counts / max(counts.sum(), 1.0)
+    tv = 0.5 * np.abs(weights - np.asarray(true_weights)).sum() if counts.sum() else 1.0
+    return {
+        "mode_weights": weights,
+        "mode_weights_tv": float(tv),
+        "off_mode_fraction": 1.0 - float(counts.sum()) / samples.shape[0],
     }
 
 

@@ -12,7 +12,7 @@ Only the meaning of the raw network output f changes:
 
 With this weighting the loss is the same functional of s for all four
 (``sigma^2 |s + eps / sigma|^2``), so differences come from how easy each
-target is for the network. Metric: the relative Fisher divergence
+target is for the network (quick mode: score and x0 only). Metric: the relative Fisher divergence
 E|s - grad log p_sigma|^2 / E|grad log p_sigma|^2 under p_sigma, per level,
 against the exact noised mixture score.
 """
@@ -42,7 +42,9 @@ def main(argv=None):
     sigmas = np.asarray(geometric_sigmas(4.0, 0.01, 10))
 
     per_variant = {}
-    for name, (parameterization, scale_by_sigma) in VARIANTS.items():
+    names = ("score", "x0") if args.quick else tuple(VARIANTS)
+    for name in names:
+        parameterization, scale_by_sigma = VARIANTS[name]
         model_fn, info = T.train_dsm(train, sigmas, steps=steps, seed=args.seed, batch_size=128,
                                      parameterization=parameterization, scale_by_sigma=scale_by_sigma, quick=args.quick)
         rel = T.per_sigma_fisher(model_fn, mixture, sigmas, jax.random.fold_in(key, 1),
