@@ -176,7 +176,7 @@ def quiver(ax, score_fn: Callable, *, lim: float = 4.5, num: int = 19, title: st
     norm = np.linalg.norm(v, axis=1, keepdims=True)
     u = v / np.maximum(norm, 1e-12)
     if background is not None:
-        ax.scatter(background[:, 0], background[:, 1], s=1, alpha=0.15, color="tab:blue")
+        ax.scatter(background[:, 0], background[:, 1], s=2, linewidths=0, color="lightsteelblue")
     ax.quiver(grid[:, 0], grid[:, 1], u[:, 0], u[:, 1], np.log10(norm[:, 0] + 1e-12), angles="xy",
               cmap="viridis", pivot="mid", scale=num * 1.2, width=0.004)
     ax.set_xlim(-lim, lim)

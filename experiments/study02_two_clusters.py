@@ -85,8 +85,8 @@ def main(argv=None):
     T.quiver(axes[0], noised.score, background=train[:800], title=f"exact score of p_sigma (sigma={SIGMA})")
     T.quiver(axes[1], score, background=train[:800], title=f"learned by DSM; rel. Fisher {rel_noised:.3f}")
     ax = axes[2]
-    ax.scatter(test[:800, 0], test[:800, 1], s=2, alpha=0.3, color="tab:blue", label="data")
-    ax.scatter(samples[:800, 0], samples[:800, 1], s=2, alpha=0.4, color="tab:red", label="Langevin (learned score)")
+    ax.scatter(test[:800, 0], test[:800, 1], s=2, linewidths=0, color="tab:blue", label="data")
+    ax.scatter(samples[:800, 0], samples[:800, 1], s=2, linewidths=0, color="tab:red", label="Langevin (learned score)")
     path = np.asarray(traj)[:, 0]
     ax.plot(path[:, 0], path[:, 1], "-", color="tab:green", lw=0.8, label="one chain")
     ax.set_xlim(-4.5, 4.5)

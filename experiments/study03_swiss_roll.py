@@ -76,8 +76,8 @@ def _figure(args, model_fn, sigmas, train, test, samples, mmd):
         T.quiver(ax, T.sigma_fn(model_fn, float(sigmas[i])), lim=3.2, background=train[:800],
                  title=f"learned score, sigma = {sigmas[i]:.3g}")
     ax = axes[4]
-    ax.scatter(test[:1000, 0], test[:1000, 1], s=2, alpha=0.3, color="tab:blue", label="held-out data")
-    ax.scatter(samples[:1000, 0], samples[:1000, 1], s=2, alpha=0.5, color="tab:red", label="annealed Langevin")
+    ax.scatter(test[:1000, 0], test[:1000, 1], s=2, linewidths=0, color="tab:blue", label="held-out data")
+    ax.scatter(samples[:1000, 0], samples[:1000, 1], s=2, linewidths=0, color="tab:red", label="annealed Langevin")
     ax.set_xlim(-3.2, 3.2)
     ax.set_ylim(-3.2, 3.2)
     ax.set_aspect("equal")

@@ -82,8 +82,8 @@ def _figure(args, sigmas, per_weighting, samples_of, test):
     axes[0].set_ylabel("relative Fisher divergence")
     axes[0].legend(fontsize=8)
     for ax, (w, samples) in zip(axes[1:], samples_of.items()):
-        ax.scatter(test[:800, 0], test[:800, 1], s=2, alpha=0.3, color="tab:blue")
-        ax.scatter(samples[:800, 0], samples[:800, 1], s=2, alpha=0.5, color="tab:red")
+        ax.scatter(test[:800, 0], test[:800, 1], s=2, linewidths=0, color="tab:blue")
+        ax.scatter(samples[:800, 0], samples[:800, 1], s=2, linewidths=0, color="tab:red")
         ax.set_xlim(-3.2, 3.2)
         ax.set_ylim(-3.2, 3.2)
         ax.set_aspect("equal")

@@ -110,8 +110,8 @@ def _figure(args, variants, plots, test, true_w):
     fig = Figure(figsize=(18, 3.4), layout="constrained")
     axes = fig.subplots(1, 5)
     for ax, (name, samples) in zip(axes, plots.items()):
-        ax.scatter(test[:500, 0], test[:500, 1], s=2, alpha=0.3, color="tab:blue")
-        ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.5, color="tab:red")
+        ax.scatter(test[:500, 0], test[:500, 1], s=2, linewidths=0, color="tab:blue")
+        ax.scatter(samples[:, 0], samples[:, 1], s=2, linewidths=0, color="tab:red")
         ax.set_xlim(-4, 4)
         ax.set_ylim(-4, 4)
         ax.set_aspect("equal")
