@@ -80,7 +80,7 @@ def main(argv=None):
 
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 4.4), layout="constrained")
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
     axes = fig.subplots(1, 3)
     T.quiver(axes[0], noised.score, background=train[:800], title=f"exact score of p_sigma (sigma={SIGMA})")
     T.quiver(axes[1], score, background=train[:800], title=f"learned by DSM; rel. Fisher {rel_noised:.3f}")

@@ -70,7 +70,7 @@ def main(argv=None):
 def _figure(args, model_fn, sigmas, train, test, samples, mmd):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(14, 3.1), layout="constrained")
+    fig = Figure(figsize=(12, 2.7), layout="constrained")
     axes = fig.subplots(1, 5)
     for ax, i in zip(axes[:4], (0, 3, 6, len(sigmas) - 1)):
         T.quiver(ax, T.sigma_fn(model_fn, float(sigmas[i])), lim=3.2, background=train[:800],

@@ -74,7 +74,7 @@ def _figure(args, sigmas, per_weighting, samples_of, test):
     from matplotlib.figure import Figure
 
     labels = {"sigma2": "lambda = sigma^2", "one": "lambda = 1", "inv_sigma2": "lambda = 1/sigma^2"}
-    fig = Figure(figsize=(16, 3.8), layout="constrained")
+    fig = Figure(figsize=(14, 3.3), layout="constrained")
     axes = fig.subplots(1, 4)
     for w, r in per_weighting.items():
         axes[0].loglog(sigmas, r["relative_fisher_per_sigma"], "o-", label=labels[w])
