@@ -38,11 +38,14 @@ def fisher_on_points(model_fn, mixture, sigmas, x) -> np.ndarray:
     """Relative Fisher divergence to the exact noised score at each level, on the fixed points ``x`` (one jit)."""
     x = jnp.asarray(x)
 
-    def one(sigma):
-        sigma_b = jnp.full((x.shape[0],), sigma, x.dtype)
-        return fisher_divergence(lambda z: model_fn(z, sigma_b), mixture.convolve(sigma).score, x, relative=True)
+    def table(levels, points):  # points as an argument, not a constant XLA would try to fold
+        def one(sigma):
+            sigma_b = jnp.full((points.shape[0],), sigma, points.dtype)
+            return fisher_divergence(lambda z: model_fn(z, sigma_b), mixture.convolve(sigma).score, points, relative=True)
 
-    return np.asarray(jax.jit(lambda s: jax.lax.map(one, s))(jnp.asarray(sigmas, x.dtype)))
+        return jax.lax.map(one, levels)
+
+    return np.asarray(jax.jit(table)(jnp.asarray(sigmas, x.dtype), x))
 
 
 def relative_fisher(score_fn: Callable, target_score_fn: Callable, x) -> float:
