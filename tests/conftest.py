@@ -1,8 +1,15 @@
 """Shared fixtures: x64 on demand and a fresh-key factory."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session's xdist workers, subprocesses and notebook
+# kernels (they inherit the environment): the same programs are compiled by several tests.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"dsm_jax_test_cache_{os.getuid()}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import dsm_jax  # noqa: E402,F401  (applies the XLA CPU workaround before any computation)
 

@@ -1,4 +1,4 @@
-"""Studies 7, 8, 10 end to end in quick mode (tiny budgets: the harness, not the results)."""
+"""Studies 7, 8, 10, 11, 12 end to end in quick mode (tiny budgets: the harness, not the results)."""
 
 import importlib
 import json
@@ -59,3 +59,17 @@ def test_study10_digits_unet(tmp_path):
         # The Wiener filter fitted on the training set always beats the noisy input.
         assert row["psnr_wiener"] > row["psnr_noisy"]
     assert _finite([r["bits_per_dim"]["ode_model"], r["bits_per_dim"]["gaussian_fit"]])
+
+
+def test_study11_sure(tmp_path):
+    r = _run("study11_sure", tmp_path)
+    assert _finite([r["psnr_noisy"], r["psnr_wiener_clean_fit"], r["psnr_sure_noisy_only"], r["psnr_dsm_clean"]])
+    assert r["psnr_wiener_clean_fit"] > r["psnr_noisy"]
+
+
+def test_study12_inpainting(tmp_path):
+    r = _run("study12_inpainting", tmp_path)
+    for mask in ("bottom_half_missing", "right_half_missing"):
+        row = r[mask]
+        assert row["known_pixels_kept_exactly"] is True
+        assert _finite([row["psnr_score_model"], row["psnr_linear_conditional_mean"], row["psnr_mean_image"]])
