@@ -59,6 +59,7 @@ def assert_mmd(entry):
     assert entry["ratio_to_floor"] == pytest.approx(entry["mmd2"] / entry["floor"], rel=1e-5)
 
 
+@pytest.mark.slow  # ~45 s of XLA compilation; run with -m slow (keeps the default suite < 10 min)
 def test_study01_cost_vs_dimension(tmp_path):
     r = run_study("study01_cost_vs_dimension", tmp_path)
     assert_finite(r, allow_none=("d_ge_128",))
@@ -131,6 +132,7 @@ def test_study06_one_vs_many_sigmas(tmp_path):
         assert (v["langevin_step"] is None) == (name == "ncsn_10_levels")
 
 
+@pytest.mark.slow  # ~45 s of XLA compilation; run with -m slow (keeps the default suite < 10 min)
 def test_study09_sm_family_wallclock(tmp_path):
     r = run_study("study09_sm_family_wallclock", tmp_path)
     assert_finite(r)

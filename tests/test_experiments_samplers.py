@@ -51,6 +51,7 @@ def test_study08_sde_samplers(tmp_path):
     assert abs(bpd["ode_exact_score"] - bpd["exact_mixture"]) < 0.05
 
 
+@pytest.mark.slow  # ~45 s of XLA compilation; run with -m slow (keeps the default suite < 10 min)
 def test_study10_digits_unet(tmp_path):
     r = _run("study10_digits_unet", tmp_path)
     assert [row["sigma"] for row in r["denoising"]] == [0.1, 0.2, 0.5]

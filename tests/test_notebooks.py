@@ -24,7 +24,12 @@ def test_committed_notebook_is_stripped_and_colab_guarded(path):
     assert "/work/" not in path.read_text() and "/home/" not in path.read_text()  # no local paths
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    # The digits notebook compiles a U-Net train step, a sampler and a denoiser (~45 s): -m slow.
+    [pytest.param(p, marks=pytest.mark.slow) if "digits" in p.stem else p for p in NOTEBOOKS],
+    ids=lambda p: p.stem,
+)
 def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
