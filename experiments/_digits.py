@@ -1,30 +1,34 @@
 """The digits U-Net shared by studies 10-12: the ``dsm-jax train --preset digits`` run.
 
 Reused from ``experiments/results/_cache/digits`` when present (gitignored),
-trained there with the command's own code otherwise (quick mode: a few steps
-into a temporary directory).
+trained there with the command's own code otherwise. Quick mode builds the
+same kind of run with a tiny U-Net and few levels and does not train it (its
+numbers test the harness, not the model).
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 
 from _common import RESULTS_DIR
 from dsm_jax import cli
+from dsm_jax.config import get_preset
+from dsm_jax.models import init_params
 
 
 def digits_run(quick: bool):
-    """``(run, ema_params, workdir)`` of the digits preset."""
+    """``(run, ema_params)`` of the digits preset."""
     if quick:
-        workdir = Path(tempfile.mkdtemp(prefix="dsm_jax_digits_")) / "run"
-        argv = ["train", "--preset", "digits", "--workdir", str(workdir), "--num-steps", "3", "--no-sample",
-                "--quiet", "--set", "channels=8", "--set", "save_every=3"]
-    else:
-        workdir = RESULTS_DIR / "_cache" / "digits"
+        config = dataclasses.replace(get_preset("digits"), channels=8, channel_mults=(1,), num_sigmas=4,
+                                     steps_per_sigma=2)
+        run = cli.build_run(config)
+        return run, init_params(run.model, jax.random.key(0), jnp.asarray(run.dataset.train[:1]))
+    workdir = RESULTS_DIR / "_cache" / "digits"
+    if not (workdir / "checkpoints").is_dir():
         argv = ["train", "--preset", "digits", "--workdir", str(workdir), "--no-sample", "--quiet"]
-    if not (workdir / "checkpoints").is_dir() or quick:
         if cli.main(argv) != 0:
             raise RuntimeError(f"training the digits model failed: {argv}")
-    run, params = cli.load_trained(workdir)
-    return run, params, workdir
+    return cli.load_trained(workdir)

@@ -43,7 +43,8 @@ def run_samplers(model_fn, sigmas, x0, key, *, ld_steps, ald_steps, step_lr):
 def main(argv=None):
     args = C.parse_args(__doc__.splitlines()[0], argv)
     n = 512 if args.quick else 10000
-    train_steps = 50 if args.quick else 4000
+    train_steps = 10 if args.quick else 4000
+    ld_steps, ald_steps = (200, 20) if args.quick else (1000, 100)
     sigmas = geometric_sigmas(20.0, 0.1, 10)
     # alpha_i = step_lr sigma_i^2 / sigma_L^2; step_lr = 2e-3 gives alpha_i / sigma_i^2 = 0.2 at every level.
     step_lr = 2e-3
@@ -51,16 +52,16 @@ def main(argv=None):
     start = _weights(x0)
 
     exact = lambda x, sigma: MIXTURE.convolve(sigma[0]).score(x)
-    ld_e, ald_e = run_samplers(exact, sigmas, x0, jax.random.key(1), ld_steps=1000, ald_steps=100, step_lr=step_lr)
+    ld_e, ald_e = run_samplers(exact, sigmas, x0, jax.random.key(1), ld_steps=ld_steps, ald_steps=ald_steps, step_lr=step_lr)
 
     data = np.asarray(MIXTURE.sample(jax.random.key(2), 20000))
-    model = NoiseConditionalMLP(width=128, depth=3, fourier_scale=1.0)
+    model = NoiseConditionalMLP(width=32 if args.quick else 128, depth=2 if args.quick else 3, fourier_scale=1.0)
     params = init_params(model, jax.random.key(3), jnp.asarray(data[:1]))
     loss_fn = make_dsm_loss_fn(model, sigmas, sigma_sampling="stratified")
     batches = lambda s: data[np.random.RandomState(s).randint(0, data.shape[0], 256)]
     state, info = C.fit(loss_fn, params, batches, num_steps=train_steps, learning_rate=1e-3, seed=args.seed)
     learned = make_model_fn(model, state.ema_params)
-    ld_l, ald_l = run_samplers(learned, sigmas, x0, jax.random.key(4), ld_steps=1000, ald_steps=100, step_lr=step_lr)
+    ld_l, ald_l = run_samplers(learned, sigmas, x0, jax.random.key(4), ld_steps=ld_steps, ald_steps=ald_steps, step_lr=step_lr)
 
     results = {
         "true_weights": [0.2, 0.8],
@@ -72,8 +73,8 @@ def main(argv=None):
         "train_seconds": info["seconds"],
     }
     C.save_results(args, "study07_langevin_vs_annealed", results,
-                   {"n": n, "sigmas": np.asarray(sigmas), "step_lr": step_lr, "ld_steps": 1000,
-                    "ald_steps_per_sigma": 100, "train_steps": train_steps})
+                   {"n": n, "sigmas": np.asarray(sigmas), "step_lr": step_lr, "ld_steps": ld_steps,
+                    "ald_steps_per_sigma": ald_steps, "train_steps": train_steps})
     for k in ("exact_score", "learned_score"):
         print(k, "LD", np.round(results[k]["langevin"], 3), "ALD", np.round(results[k]["annealed"], 3))
 

@@ -32,8 +32,8 @@ from dsm_jax.train import make_dsm_loss_fn
 
 def main(argv=None):
     args = C.parse_args(__doc__.splitlines()[0], argv)
-    n = 128 if args.quick else 2000
-    steps = 50 if args.quick else 5000
+    n = 64 if args.quick else 2000
+    steps = 10 if args.quick else 5000
     em_steps = [10] if args.quick else [10, 25, 50, 100, 250, 1000]
     pc_steps = [5] if args.quick else [10, 25, 50, 100, 250, 500]
     tols = [1e-1] if args.quick else [1e-1, 1e-2, 1e-3, 1e-5]
@@ -42,7 +42,7 @@ def main(argv=None):
     exact = lambda x, sigma: mixture.convolve(sigma[0]).score(x)
 
     data = np.asarray(mixture.sample(jax.random.key(1), 20000))
-    model = NoiseConditionalMLP(width=128, depth=3, fourier_scale=1.0)
+    model = NoiseConditionalMLP(width=32 if args.quick else 128, depth=2 if args.quick else 3, fourier_scale=1.0)
     params = init_params(model, jax.random.key(2), jnp.asarray(data[:1]))
     loss_fn = make_dsm_loss_fn(model, geometric_sigmas(6.0, 0.01, 10), sigma_sampling="stratified")
     batches = lambda s: data[np.random.RandomState(s).randint(0, data.shape[0], 256)]
@@ -75,7 +75,7 @@ def main(argv=None):
         results[name] = rows
 
     # Held-out log-likelihood through the ODE (exact trace), in bits per dimension.
-    x_test = jnp.asarray(mixture.sample(jax.random.key(9), 16 if args.quick else 500))
+    x_test = jnp.asarray(mixture.sample(jax.random.key(9), 8 if args.quick else 500))
     bpd = lambda nats: float(-np.mean(np.asarray(nats)) / (2 * math.log(2.0)))
     results["bits_per_dim"] = {
         "exact_mixture": bpd(mixture.log_prob(x_test)),

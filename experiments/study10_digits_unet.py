@@ -43,13 +43,13 @@ def wiener(train, y, sigma):
 
 def main(argv=None):
     args = C.parse_args(__doc__.splitlines()[0], argv)
-    run, params, workdir = digits_run(args.quick)
+    run, params = digits_run(args.quick)
     model_fn = run.model_fn(params)
     train, test = run.dataset.train, run.dataset.test
-    n_test = 32 if args.quick else test.shape[0]
+    n_test = 16 if args.quick else test.shape[0]
     test = test[:n_test]
     low, high = DIGITS_RANGE
-    results = {"model_steps": run.config.num_steps, "denoising": []}
+    results = {"model_steps": 0 if args.quick else run.config.num_steps, "denoising": []}
     rng = np.random.RandomState(args.seed)
     denoise_fn = jax.jit(lambda y, s: denoise(model_fn, y, s))
     for sigma in SIGMAS:
@@ -64,7 +64,7 @@ def main(argv=None):
         print(row)
 
     # Held-out bits/dim (dequantized) through the ODE, and a fitted Gaussian for reference.
-    n_ll = 8 if args.quick else 200
+    n_ll = 2 if args.quick else 200
     sigmas = run.sigmas
     sde = VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]))
     x = jnp.asarray(test[:n_ll]) + BIN * (jax.random.uniform(jax.random.key(1), test[:n_ll].shape) - 0.5)
@@ -85,11 +85,13 @@ def main(argv=None):
     }
     print("bits/dim", results["bits_per_dim"])
 
-    samples = np.asarray(annealed_langevin(model_fn, float(sigmas[0]) * jax.random.normal(jax.random.key(3), (64,) + run.dataset.shape),
-                                           jax.random.key(4), jnp.asarray(sigmas),
-                                           steps_per_sigma=run.config.steps_per_sigma, step_lr=run.step_lr))
+    n_samples, steps_per_sigma = (8, 2) if args.quick else (64, run.config.steps_per_sigma)
+    x0 = float(sigmas[0]) * jax.random.normal(jax.random.key(3), (n_samples,) + run.dataset.shape)
+    samples = np.asarray(annealed_langevin(model_fn, x0, jax.random.key(4), jnp.asarray(sigmas),
+                                           steps_per_sigma=steps_per_sigma, step_lr=run.step_lr))
     C.save_results(args, "study10_digits_unet", results,
-                   {"workdir_config": run.config.to_dict(), "n_test": n_test, "step_lr": run.step_lr})
+                   {"workdir_config": run.config.to_dict(), "n_test": n_test, "step_lr": run.step_lr,
+                    "samples_steps_per_sigma": steps_per_sigma})
 
     from dsm_jax.plotting import plot_image_grid
 

@@ -41,7 +41,7 @@ def gaussian_conditional(train, y, known):
 
 def main(argv=None):
     args = C.parse_args(__doc__.splitlines()[0], argv)
-    run, params, _ = digits_run(args.quick)
+    run, params = digits_run(args.quick)
     model_fn = run.model_fn(params)
     n = 8 if args.quick else 64
     test = run.dataset.test[:n]
@@ -49,7 +49,7 @@ def main(argv=None):
     masks = {"bottom_half_missing": np.ones((8, 8, 1), np.float32), "right_half_missing": np.ones((8, 8, 1), np.float32)}
     masks["bottom_half_missing"][4:] = 0.0
     masks["right_half_missing"][:, 4:] = 0.0
-    steps = 5 if args.quick else run.config.steps_per_sigma
+    steps = 2 if args.quick else run.config.steps_per_sigma
     results, grids = {}, []
     for i, (name, known) in enumerate(masks.items()):
         y = test * known
