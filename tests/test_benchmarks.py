@@ -1,0 +1,102 @@
+"""The benchmark harness (experiments/benchmarks/run.py) in quick mode: structure, not speed.
+
+No timing assertions: quick mode runs tiny sizes once; the test checks that
+every comparison reports finite positive ratios, that targets are evaluated,
+and that the PyTorch reference is skipped cleanly when PyTorch is absent and
+computes the same network and loss as dsm_jax when it is present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks"
+
+
+def load_run():
+    for p in (BENCH, BENCH.parent):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    return importlib.import_module("run")
+
+
+def check_payload(payload: dict, names) -> dict:
+    assert payload["quick"] is True
+    results = payload["results"]["benchmarks"]
+    assert list(results) == list(names)
+    for name, rows in results.items():
+        assert rows, name
+        for row in rows:
+            assert row["ratios"], (name, row["setting"])
+            for label, value in row["ratios"].items():
+                assert value is not None and math.isfinite(value) and value > 0, (name, row["setting"], label, value)
+            for label, ms in row.get("times_ms", {}).items():
+                assert ms is not None and math.isfinite(ms) and ms > 0, (name, label, ms)
+    for t in payload["results"]["targets"]:
+        assert {"benchmark", "setting", "ratio", "value", "target", "met"} <= set(t)
+        assert t["met"] in (True, False)
+    return results
+
+
+def test_quick_run_without_torch(tmp_path, monkeypatch):
+    # None in sys.modules makes ``import torch`` raise ImportError, as when it is not installed.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "torch_reference", None)
+    run = load_run()
+    run.main(["--quick", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "results.json").read_text())
+    results = check_payload(payload, run.BENCHMARKS)
+    assert payload["settings"]["torch"] is None
+    times = [k for rows in results.values() for r in rows for k in r.get("times_ms", {})]
+    assert times and not any("torch" in k or "pytorch" in k for k in times)
+    # The targets that need no reference are still evaluated.
+    assert {t["benchmark"] for t in payload["results"]["targets"]} == {"flops", "dim_scaling"}
+    mem = results["memory"][0]["bytes"]
+    assert all(v["total"] > 0 for v in mem.values())
+    # The hand count of the step's matmul FLOPs is below XLA's count of all its FLOPs.
+    flops = results["flops"][0]
+    assert 0 < flops["step_matmul_flops_by_hand"] <= flops["step_flops_cost_analysis"]
+
+
+def test_matmul_flop_count_by_hand():
+    run = load_run()
+    # dim 2, width 4, 3 layers: embedding 1x4 and 4x4; net (2+4)x4, 4x4, 4x2.
+    fwd = 2 * (4 + 16 + 24 + 16 + 8)
+    assert run.matmul_flops_per_example(2, 4, 3, train=False) == fwd
+    assert run.matmul_flops_per_example(2, 4, 3, train=True) == 3 * fwd - 2 * (4 + 24)
+
+
+def test_torch_reference_matches_dsm_jax(tmp_path):
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+
+    from dsm_jax.losses import explicit_score_matching_loss
+
+    run = load_run()
+    tref = run.load_torch(1)
+    net = run.Net(3, run.QUICK, tref)
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    sigma = np.linspace(0.1, 2.0, 5).astype(np.float32)
+    with torch.no_grad():
+        out_t = net.torch_model(torch.from_numpy(x), torch.from_numpy(sigma)).numpy()
+    out_j = np.asarray(net.model_fn(net.params)(jnp.asarray(x), jnp.asarray(sigma)))
+    np.testing.assert_allclose(out_j, out_t, rtol=1e-5, atol=1e-6)
+    # The autograd-loop trace and the jvp trace give the same explicit SM loss.
+    loss_t = tref[1].explicit_sm_loss(net.torch_model, torch.from_numpy(x), run.ESM_SIGMA).item()
+    loss_j = float(explicit_score_matching_loss(net.score_fn(net.params), jnp.asarray(x)))
+    assert loss_j == pytest.approx(loss_t, rel=1e-4, abs=1e-5)
+
+    run.main(["--quick", "--only", "langevin", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "results_langevin.json").read_text())
+    results = check_payload(payload, ["langevin"])
+    assert payload["settings"]["torch"] == torch.__version__
+    row = results["langevin"][0]
+    assert "pytorch_loop" in row["times_ms"] and "torch/jax" in row["ratios"]
+    assert row["jax_finite"] and row["torch_finite"]
