@@ -196,13 +196,18 @@ def _per_level_losses(model_fn, x, sigmas, key, parameterization, scale):
     ``sigmas`` is ``[L]`` (one level per row) or ``[L, B]`` (per-example levels per row).
     """
     keys = jax.random.split(key, sigmas.shape[0])
+    eps = jax.vmap(lambda k: jax.random.normal(k, x.shape, dtype=x.dtype))(keys)
+    return _per_level_losses_given_eps(model_fn, x, sigmas, eps, parameterization, scale)
 
-    def one_level(sigma, k):
-        eps = jax.random.normal(k, x.shape, dtype=x.dtype)
+
+def _per_level_losses_given_eps(model_fn, x, sigmas, eps, parameterization, scale):
+    """[L, B] per-example DSM losses for the noise ``eps [L, B, *D]``, vmapped over the levels."""
+
+    def one_level(sigma, e):
         sigma_b = jnp.broadcast_to(sigma, (x.shape[0],))
-        return _dsm_per_example(model_fn, x, sigma_b, eps, parameterization, scale)
+        return _dsm_per_example(model_fn, x, sigma_b, e, parameterization, scale)
 
-    return jax.vmap(one_level)(sigmas, keys)
+    return jax.vmap(one_level)(sigmas, eps)
 
 
 def per_sigma_dsm_losses(
@@ -278,7 +283,11 @@ def multiscale_dsm_loss(
         model_fn: ``model_fn(x, sigma) -> out``.
         x: clean data ``[B, *D]``.
         sigmas: ``[L]`` positive noise levels.
-        key: PRNG key.
+        key: PRNG key, or ``[B]`` keys, one per example: example ``j`` then
+            draws exactly what a batch of one would draw with ``key[j]``, so
+            the loss does not depend on how a batch is split (what
+            :func:`dsm_jax.train.make_train_step` needs for its per-example
+            keys, without running the model example by example).
         weighting: "sigma2" (default), "one", "inv_sigma2" or a callable.
         parameterization: "score", "eps", "x0" or "energy".
         sigma_sampling: "all", "random", "log_uniform" or "stratified".
@@ -308,34 +317,77 @@ def multiscale_dsm_loss(
     lam = get_weighting(weighting)
     sigmas = jnp.asarray(sigmas, dtype=x.dtype)
     num_levels = sigmas.shape[0]
+    draws = _multiscale_draws(key, x.shape, x.dtype, sigmas, sigma_sampling)
 
-    if sigma_sampling == "all":
-        per_level = jnp.mean(_per_level_losses(model_fn, x, sigmas, key, parameterization, scale), axis=1)
-        loss = jnp.mean(lam(sigmas) * per_level)
-    elif sigma_sampling == "stratified":
-        k_u, k_loss = jax.random.split(key)
-        grid = _jitter_in_log_cells(sigmas, jax.random.uniform(k_u, (num_levels, x.shape[0]), dtype=x.dtype))
-        per_example = _per_level_losses(model_fn, x, grid, k_loss, parameterization, scale)
+    if sigma_sampling in ("all", "stratified"):
+        levels = sigmas if sigma_sampling == "all" else draws["grid"]
+        per_example = _per_level_losses_given_eps(model_fn, x, levels, draws["eps"], parameterization, scale)
         per_level = jnp.mean(per_example, axis=1)
-        loss = jnp.mean(lam(grid) * per_example)
+        weights = lam(sigmas)[:, None] if sigma_sampling == "all" else lam(levels)
+        loss = jnp.mean(weights * per_example)
     else:
-        k_idx, k_eps = jax.random.split(key)
-        if sigma_sampling == "random":
-            idx = jax.random.randint(k_idx, (x.shape[0],), 0, num_levels)
-            sigma_b = sigmas[idx]
-        else:  # log_uniform: continuous levels; diagnostics binned to the nearest grid level
-            sigma_b = sample_log_uniform_sigmas(k_idx, (x.shape[0],), jnp.min(sigmas), jnp.max(sigmas)).astype(x.dtype)
-            idx = jnp.argmin(jnp.abs(jnp.log(sigma_b)[:, None] - jnp.log(sigmas)[None, :]), axis=1)
-        eps = jax.random.normal(k_eps, x.shape, dtype=x.dtype)
-        per_example = _dsm_per_example(model_fn, x, sigma_b, eps, parameterization, scale)
+        sigma_b = draws["sigma"]
+        per_example = _dsm_per_example(model_fn, x, sigma_b, draws["eps"], parameterization, scale)
         loss = jnp.mean(lam(sigma_b) * per_example)
         if return_per_sigma:
+            if sigma_sampling == "random":
+                idx = draws["idx"]
+            else:  # log_uniform: diagnostics binned to the nearest grid level
+                idx = jnp.argmin(jnp.abs(jnp.log(sigma_b)[:, None] - jnp.log(sigmas)[None, :]), axis=1)
             sums = jax.ops.segment_sum(per_example, idx, num_segments=num_levels)
             counts = jax.ops.segment_sum(jnp.ones_like(per_example), idx, num_segments=num_levels)
             per_level = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), jnp.nan)
     if return_per_sigma:
         return loss, per_level
     return loss
+
+
+def is_key_batch(key: jax.Array) -> bool:
+    """True when ``key`` is a batch of PRNG keys (typed ``[B]`` or raw ``uint32 [B, 2]``), not one key."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.ndim == 1
+    return key.ndim == 2
+
+
+def _multiscale_draws(key, x_shape, dtype, sigmas, sigma_sampling) -> dict:
+    """The random draws of :func:`multiscale_dsm_loss` for data of shape ``x_shape``.
+
+    * "all": ``eps [L, B, *D]`` (level ``i`` from ``split(key, L)[i]``).
+    * "stratified": ``grid [L, B]`` and ``eps [L, B, *D]``.
+    * "random": ``idx [B]``, ``sigma [B]``, ``eps [B, *D]``; "log_uniform": ``sigma``, ``eps``.
+
+    With ``[B]`` keys, example ``j``'s draws are those of a batch of one with ``key[j]``.
+    """
+    if is_key_batch(key):
+        if key.shape[0] != x_shape[0]:
+            raise ValueError(f"key holds {key.shape[0]} keys but x has {x_shape[0]} examples; pass one key or one per example.")
+        one = jax.vmap(lambda k: _multiscale_draws(k, (1,) + tuple(x_shape[1:]), dtype, sigmas, sigma_sampling))(key)
+        # Each entry has the example axis at 0 (vmap) and a singleton batch axis (1 per-example
+        # entry: axis 1; per-level entries [L, 1, ...]: axis 2). Put the batch where a batch call has it.
+        out = {}
+        for name, v in one.items():
+            if sigma_sampling in ("all", "stratified"):  # [B, L, 1, ...] -> [L, B, ...]
+                out[name] = jnp.moveaxis(v[:, :, 0], 0, 1)
+            else:  # [B, 1, ...] -> [B, ...]
+                out[name] = v[:, 0]
+        return out
+    batch = x_shape[0]
+    num_levels = sigmas.shape[0]
+    if sigma_sampling == "all":
+        keys = jax.random.split(key, num_levels)
+        return {"eps": jax.vmap(lambda k: jax.random.normal(k, x_shape, dtype=dtype))(keys)}
+    if sigma_sampling == "stratified":
+        k_u, k_loss = jax.random.split(key)
+        grid = _jitter_in_log_cells(sigmas, jax.random.uniform(k_u, (num_levels, batch), dtype=dtype))
+        keys = jax.random.split(k_loss, num_levels)
+        return {"grid": grid, "eps": jax.vmap(lambda k: jax.random.normal(k, x_shape, dtype=dtype))(keys)}
+    k_idx, k_eps = jax.random.split(key)
+    eps = jax.random.normal(k_eps, x_shape, dtype=dtype)
+    if sigma_sampling == "random":
+        idx = jax.random.randint(k_idx, (batch,), 0, num_levels)
+        return {"idx": idx, "sigma": sigmas[idx], "eps": eps}
+    sigma_b = sample_log_uniform_sigmas(k_idx, (batch,), jnp.min(sigmas), jnp.max(sigmas)).astype(dtype)
+    return {"sigma": sigma_b, "eps": eps}
 
 
 # ---------------------------------------------------------------------------

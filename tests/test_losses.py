@@ -195,6 +195,27 @@ def test_per_sigma_matches_python_loop(parameterization):
     np.testing.assert_allclose(total, jnp.mean(sigmas**2 * got), rtol=1e-5)
 
 
+@pytest.mark.parametrize("sigma_sampling", ["all", "stratified", "random", "log_uniform"])
+def test_one_key_per_example_equals_batches_of_one(sigma_sampling):
+    """With [B] keys, example j draws what a batch of one draws with key[j]; loss and diagnostics follow."""
+    model = _mlp_model(jax.random.key(21), 3)
+    x = jax.random.normal(jax.random.key(22), (12, 3))
+    sigmas = geometric_sigmas(3.0, 0.05, 6)
+    keys = jax.random.split(jax.random.key(23), 12)
+    loss, per = multiscale_dsm_loss(model, x, sigmas, keys, sigma_sampling=sigma_sampling, return_per_sigma=True)
+    ones = [multiscale_dsm_loss(model, x[j:j + 1], sigmas, keys[j], sigma_sampling=sigma_sampling, return_per_sigma=True)
+            for j in range(12)]
+    np.testing.assert_allclose(loss, np.mean([l for l, _ in ones]), rtol=1e-5)
+    with np.errstate(all="ignore"):  # levels an example did not draw are NaN
+        expected_per = np.nanmean(np.stack([np.asarray(p) for _, p in ones]), axis=0)
+    np.testing.assert_allclose(per, expected_per, rtol=1e-5)
+    # Raw uint32 keys work the same way, and a wrong number of keys is an error naming both counts.
+    raw = jax.vmap(jax.random.key_data)(keys)
+    np.testing.assert_allclose(multiscale_dsm_loss(model, x, sigmas, raw, sigma_sampling=sigma_sampling), loss, rtol=1e-6)
+    with pytest.raises(ValueError, match="11 keys but x has 12"):
+        multiscale_dsm_loss(model, x, sigmas, keys[:11], sigma_sampling=sigma_sampling)
+
+
 def test_random_sigma_sampling_has_the_same_expectation():
     model = _mlp_model(jax.random.key(21), 2)
     x = jax.random.normal(jax.random.key(22), (8, 2))

@@ -166,6 +166,25 @@ def test_train_step_one_step_by_hand():
     assert int(new.step) == 1
 
 
+@pytest.mark.parametrize("sigma_sampling", ["all", "stratified", "random", "log_uniform"])
+def test_batched_keys_equal_the_per_example_vmap(sigma_sampling):
+    """make_dsm_loss_fn's losses take the [B] keys at once: the same step as vmapping them example by example."""
+    model = NoiseConditionalMLP(width=16, depth=1)
+    x = np.asarray(GMM.sample(jax.random.key(0), 32))
+    params = init_params(model, jax.random.key(1), x[:1])
+    loss_fn = make_dsm_loss_fn(model, geometric_sigmas(3.0, 0.05, 4), sigma_sampling=sigma_sampling)
+    assert loss_fn.accepts_key_batch
+    plain = lambda p, b, k: loss_fn(p, b, k)  # no mark: the vmap path
+    opt = optax.adam(1e-2)
+    state = create_train_state(params, opt)
+    key = jax.random.key(3)
+    fast, m_fast = jax.jit(make_train_step(loss_fn, opt))(state, x, key)
+    slow, m_slow = jax.jit(make_train_step(plain, opt))(state, x, key)
+    chex.assert_trees_all_close(fast.params, slow.params, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m_fast["loss"], m_slow["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_fast["per_sigma_loss"], m_slow["per_sigma_loss"], rtol=1e-5)
+
+
 def test_train_step_traces_once():
     loss_fn, params, batch_at = _toy()
     opt = _optimizer()
