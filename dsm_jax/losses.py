@@ -201,13 +201,21 @@ def _per_level_losses(model_fn, x, sigmas, key, parameterization, scale):
 
 
 def _per_level_losses_given_eps(model_fn, x, sigmas, eps, parameterization, scale):
-    """[L, B] per-example DSM losses for the noise ``eps [L, B, *D]``, vmapped over the levels."""
+    """[L, B] per-example DSM losses for the noise ``eps [L, B, *D]`` and levels ``[L]`` or ``[L, B]``.
 
-    def one_level(sigma, e):
-        sigma_b = jnp.broadcast_to(sigma, (x.shape[0],))
-        return _dsm_per_example(model_fn, x, sigma_b, e, parameterization, scale)
-
-    return jax.vmap(one_level)(sigmas, eps)
+    The levels are vectorised as ``jax.vmap`` over sigma would, with the
+    ``L`` copies of the batch stacked into one batch of ``L * B`` for a single
+    model call: the same numbers, but the weight gradients are plain matrix
+    products (a vmapped model call adds a transposing copy of every layer's
+    cotangent in the backward pass, about 25% of the step for an MLP on a CPU).
+    Like every DSM loss, this needs a ``model_fn`` that treats examples independently.
+    """
+    num_levels, batch = eps.shape[0], x.shape[0]
+    levels = jnp.broadcast_to(sigmas[:, None] if sigmas.ndim == 1 else sigmas, (num_levels, batch))
+    stack = lambda a: a.reshape((num_levels * batch,) + a.shape[2:])
+    xs = stack(jnp.broadcast_to(x, (num_levels,) + x.shape))
+    per_example = _dsm_per_example(model_fn, xs, stack(levels), stack(eps), parameterization, scale)
+    return per_example.reshape(num_levels, batch)
 
 
 def per_sigma_dsm_losses(
