@@ -58,6 +58,11 @@ def test_quick_run_without_torch(tmp_path, monkeypatch):
     assert times and not any("torch" in k or "pytorch" in k for k in times)
     # The targets that need no reference are still evaluated.
     assert {t["benchmark"] for t in payload["results"]["targets"]} == {"flops", "dim_scaling"}
+    table = (tmp_path / "results.md").read_text()
+    assert "### targets" in table and all(f"### {name}" in table for name in run.BENCHMARKS)
+    # The step's matmul FLOPs grow with d: the d-scaling rows report the growth and the time normalised by it.
+    for r in results["dim_scaling"]:
+        assert r["network_flop_ratio"] > 1 and "time_ratio/flop_ratio" in r["ratios"]
     mem = results["memory"][0]["bytes"]
     assert all(v["total"] > 0 for v in mem.values())
     # The hand count of the step's matmul FLOPs is below XLA's count of all its FLOPs.
@@ -100,3 +105,4 @@ def test_torch_reference_matches_dsm_jax(tmp_path):
     row = results["langevin"][0]
     assert "pytorch_loop" in row["times_ms"] and "torch/jax" in row["ratios"]
     assert row["jax_finite"] and row["torch_finite"]
+    assert set(row["matmul_gflops_per_s"]) == set(row["times_ms"])

@@ -97,7 +97,9 @@ QUICK = dict(
 # (comparison, setting pattern, ratio name, target, "min" (ratio >= target) or "max" (<=), what)
 TARGETS = [
     ("dsm_step", "B=128", "torch/jax", 1.5, "min", "DSM step vs PyTorch at batch 128"),
+    ("dsm_step", "B=128", "torch/jax_k_per_call", 1.5, "min", "DSM step vs PyTorch at batch 128, k steps per call"),
     ("dsm_step", "B=2048", "torch/jax", 1.4, "min", "DSM step vs PyTorch at batch 2048"),
+    ("dsm_step", "B=2048", "torch/jax_k_per_call", 1.4, "min", "DSM step vs PyTorch at batch 2048, k steps per call"),
     ("flops", "", "fraction_of_peak", 0.75, "min", "DSM step at batch 2048, share of the fp32 GEMM rate"),
     ("langevin", "B=64", "torch/jax", 2.0, "min", "annealed Langevin vs PyTorch at batch 64"),
     ("langevin", "B=1024", "torch/jax", 1.5, "min", "annealed Langevin vs PyTorch at batch 1024"),
@@ -337,9 +339,9 @@ def bench_dsm_step(cfg, tref, repeats):
             rows.append(row(f"d={dim} B={batch}", timed, speedups(timed, {
                 "torch/jax": ("pytorch", "dsm_jax"),
                 "torch/jax_batch_key": ("pytorch", "dsm_jax_batch_key"),
-                f"torch/jax_{k}_per_call": ("pytorch", f"dsm_jax_{k}_per_call"),
-                f"jax/jax_{k}_per_call": ("dsm_jax", f"dsm_jax_{k}_per_call"),
-            })))
+                "torch/jax_k_per_call": ("pytorch", f"dsm_jax_{k}_per_call"),
+                "jax/jax_k_per_call": ("dsm_jax", f"dsm_jax_{k}_per_call"),
+            }), steps_per_call=k))
     return rows
 
 
@@ -464,6 +466,9 @@ def bench_langevin(cfg, tref, repeats):
             contenders["pytorch_loop"] = lambda: ref.annealed_langevin(net.torch_model, xt, sig_list, steps, eps)
             out["torch_finite"] = bool(torch.isfinite(contenders["pytorch_loop"]()).all())
         timed = interleaved(contenders, repeats=repeats, target_ms=cfg["target_ms"], warmup=1)
+        # Matmul FLOPs of the whole run (one forward pass per step), counted by hand.
+        flops = len(sig_list) * steps * batch * matmul_flops_per_example(dim, cfg["hidden"], cfg["layers"], train=False)
+        out["matmul_gflops_per_s"] = {k: flops / v["median_s"] / 1e9 for k, v in timed.items()}
         rows.append(row(f"d={dim} B={batch} {len(sig_list)}x{steps}", timed, speedups(timed, {
             "torch/jax": ("pytorch_loop", "dsm_jax_scan"),
             "jax_loop/scan": ("jax_python_loop", "dsm_jax_scan"),
@@ -544,7 +549,11 @@ def bench_dim_scaling(cfg, tref, repeats):
     lo, hi = cfg["scaling_dims"]
     for loss in ("dsm", "sliced"):
         part = {k: v for k, v in timed.items() if k.startswith(loss + "_")}
-        rows.append(row(f"{loss} B={batch} d={lo} vs d={hi}", part, speedups(part, {"t(d_max)/t(d_min)": (f"{loss}_d={hi}", f"{loss}_d={lo}")})))
+        ratios = speedups(part, {"t(d_max)/t(d_min)": (f"{loss}_d={hi}", f"{loss}_d={lo}")})
+        # The MLP itself grows with d (first and last layer): the step's matmul FLOPs, by hand.
+        grow = matmul_flops_per_example(hi, cfg["hidden"], cfg["layers"], train=True) / matmul_flops_per_example(lo, cfg["hidden"], cfg["layers"], train=True)
+        ratios["time_ratio/flop_ratio"] = ratios["t(d_max)/t(d_min)"] / grow
+        rows.append(row(f"{loss} B={batch} d={lo} vs d={hi}", part, ratios, network_flop_ratio=grow))
     return rows
 
 
@@ -562,6 +571,15 @@ BENCHMARKS = {
 # ---------------------------------------------------------------------------
 # Targets and the table
 # ---------------------------------------------------------------------------
+
+
+def add_peak_fractions(results: dict) -> None:
+    """Langevin rows get their matmul rate as a share of the GEMM rate measured by ``flops`` (when it ran)."""
+    if not results.get("flops") or not results.get("langevin"):
+        return
+    peak = max(results["flops"][0]["gemm_gflops_per_s"].values())
+    for r in results["langevin"]:
+        r["fraction_of_peak"] = {k: v / peak for k, v in r["matmul_gflops_per_s"].items()}
 
 
 def check_targets(results: dict) -> list:
@@ -595,6 +613,27 @@ def format_table(results: dict, targets: list) -> str:
     return "\n".join(lines)
 
 
+def markdown_tables(results: dict, targets: list) -> str:
+    """The medians and ratios of every comparison, and the targets, as Markdown tables."""
+    out = []
+    for name, rows in results.items():
+        out.append(f"### {name}\n")
+        for r in rows:
+            if "times_ms" in r:
+                cells = ", ".join(f"{k} {v:.3g} ms" for k, v in r["times_ms"].items())
+            else:
+                cells = ", ".join(f"{k} {v['total'] / 2**20:.1f} MiB" for k, v in r["bytes"].items())
+            ratios = ", ".join(f"**{k} = {v:.3g}**" for k, v in r["ratios"].items())
+            out.append(f"- `{r['setting']}`: {cells}; {ratios}")
+        out.append("")
+    out.append("### targets\n")
+    out.append("| comparison | setting | measured | target | |")
+    out.append("|---|---|---|---|---|")
+    for t in targets:
+        out.append(f"| {t['what']} | `{t['setting']}` | {t['ratio']} = {t['value']:.3g} | {t['target']} | {'met' if t['met'] else 'missed'} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: Optional[list] = None) -> dict:
     args = parse_args(
         __doc__.splitlines()[0],
@@ -626,12 +665,17 @@ def main(argv: Optional[list] = None) -> dict:
             t0 = time.perf_counter()
             results[name] = bench(cfg, tref, repeats)
             print(f"[{name}: {time.perf_counter() - t0:.1f}s]", flush=True)
+    add_peak_fractions(results)
     targets = check_targets(results)
     print(format_table(results, targets))
     settings = {**cfg, "repeats": repeats, "cores": cores, "torch": None if tref is None else tref[0].__version__,
                 "torch_threads": None if tref is None else tref[0].get_num_threads(),
                 "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    save_results(args, "results" if args.only is None else f"results_{args.only}", {"benchmarks": results, "targets": targets}, settings)
+    stem = "results" if args.only is None else f"results_{args.only}"
+    save_results(args, stem, {"benchmarks": results, "targets": targets}, settings)
+    md = Path(args.out) / f"{stem}.md"
+    md.with_suffix(".md.tmp").write_text(markdown_tables(results, targets))
+    os.replace(md.with_suffix(".md.tmp"), md)  # atomic, as the JSON: an earlier table is never half-overwritten
     return {"benchmarks": results, "targets": targets}
 
 
