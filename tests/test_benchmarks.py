@@ -75,7 +75,16 @@ def test_matmul_flop_count_by_hand():
     # dim 2, width 4, 3 layers: embedding 1x4 and 4x4; net (2+4)x4, 4x4, 4x2.
     fwd = 2 * (4 + 16 + 24 + 16 + 8)
     assert run.matmul_flops_per_example(2, 4, 3, train=False) == fwd
-    assert run.matmul_flops_per_example(2, 4, 3, train=True) == 3 * fwd - 2 * (4 + 24)
+    # Training: weight and input gradients of every layer, except the input gradients of sigma (1x4) and x (2x4).
+    assert run.matmul_flops_per_example(2, 4, 3, train=True) == 3 * fwd - 2 * (4 + 8)
+    # The matmul-only chain does this work, plus what XLA also computes and throws away: the input gradient
+    # of the concat's x part (2 * d * H per example), so XLA's count of it lies between the two.
+    for dim, hidden, layers, batch in ((2, 4, 3, 5), (64, 256, 4, 128)):
+        chain, operands = run._matmul_chain(dim, hidden, layers, batch)
+        analysis = chain.lower(*operands).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        by_hand = batch * run.matmul_flops_per_example(dim, hidden, layers, train=True)
+        assert by_hand <= analysis["flops"] <= by_hand + batch * 2 * dim * hidden, (dim, analysis["flops"], by_hand)
 
 
 def test_torch_reference_matches_dsm_jax(tmp_path):

@@ -135,15 +135,16 @@ def matmul_flops_per_example(dim: int, hidden: int, num_layers: int, *, train: b
 
     Forward: ``2 * in * out`` per linear layer. A training step adds the
     weight gradient (``2 * in * out``) of every layer and the input gradient
-    of every layer but the two that read the inputs (sigma and x).
+    of every layer but the one reading sigma, and of the layer reading
+    ``concat(x, embedding)`` only its embedding part (``2 * H * H``).
     """
     layers = [(1, hidden), (hidden, hidden), (dim + hidden, hidden)]
     layers += [(hidden, hidden)] * (num_layers - 2) + [(hidden, dim)]
     fwd = sum(2 * i * o for i, o in layers)
     if not train:
         return fwd
-    first = 2 * 1 * hidden + 2 * (dim + hidden) * hidden
-    return 3 * fwd - first
+    not_needed = 2 * 1 * hidden + 2 * dim * hidden  # input gradients of sigma and of x
+    return 3 * fwd - not_needed
 
 
 def load_torch(threads: int):
@@ -495,7 +496,14 @@ def bench_flops(cfg, tref, repeats):
         cost[f"d={dim}"] = float(analysis.get("flops", float("nan")))
         flops[f"d={dim}"] = batch * matmul_flops_per_example(dim, cfg["hidden"], cfg["layers"], train=True)
         contenders[f"dsm_step_d={dim}"] = stepper(step, state, [(x, key) for key in _keys()])
+        chain, operands = _matmul_chain(dim, cfg["hidden"], cfg["layers"], batch)
+        contenders[f"matmuls_only_d={dim}"] = blocking(chain, *operands)
+        many, state_k = jax_dsm_step(net, cfg["steps_per_call"])
+        xs = jnp.stack([x] * cfg["steps_per_call"])
+        contenders[f"dsm_step_k_per_call_d={dim}"] = stepper(many, state_k, [(xs, key) for key in _keys()])
     timed = interleaved(contenders, repeats=repeats, target_ms=cfg["target_ms"])
+    for dim in cfg["flops_dims"]:
+        timed[f"dsm_step_k_per_call_d={dim}"]["median_s"] /= cfg["steps_per_call"]
     gemm_flops = 2.0 * n**3
     rates = {"jnp.dot": gemm_flops / timed["jnp.dot"]["median_s"]}
     if "torch.mm" in timed:
@@ -505,11 +513,51 @@ def bench_flops(cfg, tref, repeats):
     for dim in cfg["flops_dims"]:
         name = f"d={dim}"
         rate = flops[name] / timed[f"dsm_step_{name}"]["median_s"]
-        rows.append(row(f"{name} B={batch}", {k: v for k, v in timed.items() if k in (f"dsm_step_{name}", "jnp.dot", "torch.mm")},
-                        {"fraction_of_peak": rate / peak},
+        shown = (f"dsm_step_{name}", f"dsm_step_k_per_call_{name}", f"matmuls_only_{name}", "jnp.dot", "torch.mm")
+        rows.append(row(f"{name} B={batch}", {k: v for k, v in timed.items() if k in shown},
+                        {"fraction_of_peak": rate / peak,
+                         "fraction_of_peak_k_per_call": flops[name] / timed[f"dsm_step_k_per_call_{name}"]["median_s"] / peak,
+                         "matmuls_only_fraction_of_peak": flops[name] / timed[f"matmuls_only_{name}"]["median_s"] / peak},
                         step_matmul_flops_by_hand=flops[name], step_flops_cost_analysis=cost[name],
                         step_gflops_per_s=rate / 1e9, gemm_gflops_per_s={k: v / 1e9 for k, v in rates.items()}, gemm_n=n))
     return rows
+
+
+def _matmul_chain(dim: int, hidden: int, num_layers: int, batch: int):
+    """The training step's matrix products alone (same shapes, no activations, loss or optimizer).
+
+    Forward ``h <- h W`` through :class:`SeedMLP`'s layers, then for each layer
+    the weight gradient ``h^T g`` and (but for the input layers) the input
+    gradient ``g W^T``: exactly the FLOPs :func:`matmul_flops_per_example`
+    counts, so its rate is what the step could reach if everything but the
+    matmuls were free.
+    """
+    shapes = [(1, hidden), (hidden, hidden), (dim + hidden, hidden)] + [(hidden, hidden)] * (num_layers - 2) + [(hidden, dim)]
+    rng = np.random.default_rng(0)
+    weights = [jnp.asarray(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[0])) for s in shapes]
+    sigma = jnp.asarray(rng.standard_normal((batch, 1)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((batch, dim)).astype(np.float32))
+
+    @jax.jit
+    def chain(weights, sigma, x):
+        emb1 = sigma @ weights[0]
+        emb2 = emb1 @ weights[1]
+        acts = [sigma, emb1, jnp.concatenate([x, emb2], axis=-1)]
+        h = acts[-1]
+        for w in weights[2:]:
+            h = h @ w
+            acts.append(h)
+        g, grads = h, []
+        for i in range(len(weights) - 1, 1, -1):  # the trunk, top down
+            grads.append(acts[i].T @ g)
+            g = g @ weights[i].T
+        g = g[:, dim:]  # only the embedding's part of the concatenated input needs a gradient
+        grads.append(emb1.T @ g)
+        g = g @ weights[1].T
+        grads.append(sigma.T @ g)  # no gradient for sigma itself
+        return grads
+
+    return chain, (weights, sigma, x)
 
 
 def _memory(compiled) -> dict:
