@@ -19,7 +19,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,31 @@ def _check_field(fn: VectorField, x: jax.Array) -> None:
         )
 
 
+AUTO_CHUNK_ROWS = 2048
+
+
+def resolve_chunk_size(chunk_size, batch: int, dim: int) -> Optional[int]:
+    """``None`` (the whole basis), a positive int, or ``"auto"`` resolved for ``batch`` and ``dim``.
+
+    ``"auto"`` on a CPU takes chunks of ``max(1, 2048 // batch)`` directions
+    (about 2048 tangent rows per chunk, small enough to stay in cache): the
+    fastest setting measured for explicit score matching with an MLP score
+    (d = 64 and 256, batch 128: 16 directions, 30% faster than the whole
+    basis; ``experiments/benchmarks``). On accelerators it is the whole basis,
+    whose parallelism they use.
+    """
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, str):
+        if chunk_size != "auto":
+            raise ValueError(f"chunk_size must be None, a positive integer or 'auto', got {chunk_size!r}.")
+        if jax.default_backend() != "cpu":
+            return None
+        chunk_size = max(1, AUTO_CHUNK_ROWS // max(batch, 1))
+        return None if chunk_size >= dim else chunk_size
+    return min(check_positive_int("chunk_size", chunk_size), dim)
+
+
 def _acts_on_single_examples(fn: VectorField, x: jax.Array) -> bool:
     """True when ``fn`` also maps a batch of one ``[1, *D]`` to ``[1, *D]``.
 
@@ -57,7 +82,7 @@ def _acts_on_single_examples(fn: VectorField, x: jax.Array) -> bool:
     return getattr(out, "shape", None) == one.shape
 
 
-def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, chunk_size: Optional[int] = None):
+def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, chunk_size: Union[int, str, None] = None):
     """Returns ``(div fn(x) [B], fn(x) [B, *D])`` with one jvp per basis vector.
 
     How it is computed (both give the same numbers; the first is faster):
@@ -76,8 +101,7 @@ def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, chunk_size: Opt
     """
     _check_field(fn, x)
     batch, dim = x.shape[0], math.prod(x.shape[1:])
-    if chunk_size is not None:
-        chunk_size = min(check_positive_int("chunk_size", chunk_size), dim)
+    chunk_size = resolve_chunk_size(chunk_size, batch, dim)
     chunked = chunk_size is not None and chunk_size < dim
     num_chunks = -(-dim // chunk_size) if chunked else 1
     # Out-of-range indices (padding the last chunk) give all-zero tangents.
@@ -113,7 +137,7 @@ def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, chunk_size: Opt
     return jnp.sum(jax.lax.map(part, indices), axis=0), value
 
 
-def exact_divergence(fn: VectorField, x: jax.Array, *, chunk_size: Optional[int] = None) -> jax.Array:
+def exact_divergence(fn: VectorField, x: jax.Array, *, chunk_size: Union[int, str, None] = None) -> jax.Array:
     """Per-example trace of the Jacobian of ``fn`` at ``x``, exactly.
 
     ``div f(x) = sum_i (d f / d x)_{ii} = sum_i e_i^T J e_i``, one ``jax.jvp``
@@ -127,7 +151,7 @@ def exact_divergence(fn: VectorField, x: jax.Array, *, chunk_size: Optional[int]
         chunk_size: if set, process the basis ``chunk_size`` directions at a
             time (a ``lax.map`` over ``jax.checkpoint``-ed chunks) so peak
             memory is that of ``chunk_size`` jvps instead of ``D``, also under
-            ``jax.grad``.
+            ``jax.grad``. ``"auto"``: see :func:`resolve_chunk_size`.
 
     Returns:
         ``[B]``.

@@ -76,6 +76,23 @@ def test_chunked_gradients_equal_unchunked(single, x64):
     np.testing.assert_allclose(jax.grad(loss)(w0, 1), whole, rtol=1e-10)
 
 
+def test_auto_chunk_size():
+    from dsm_jax.divergence import resolve_chunk_size
+
+    assert resolve_chunk_size(None, 128, 64) is None
+    assert resolve_chunk_size(5, 128, 3) == 3  # at most the dimension
+    # On the CPU (the tests' backend): about 2048 tangent rows per chunk, the whole basis when that covers it.
+    assert resolve_chunk_size("auto", 128, 256) == 16
+    assert resolve_chunk_size("auto", 128, 16) is None
+    assert resolve_chunk_size("auto", 4096, 10) == 1
+    for bad in ("big", 0, 2.5):
+        with pytest.raises(ValueError, match="chunk_size"):
+            resolve_chunk_size(bad, 8, 8)
+    fn = _random_mlp(jax.random.key(3), 40)
+    x = jax.random.normal(jax.random.key(4), (300, 40))  # auto: chunks of 6 directions
+    np.testing.assert_allclose(exact_divergence(fn, x, chunk_size="auto"), exact_divergence(fn, x), rtol=1e-5, atol=1e-5)
+
+
 def test_chunking_bounds_the_memory_of_the_gradient():
     """Under jax.grad, chunks of 8 directions at d = 256 need a fraction of the whole basis's temporaries."""
     d = 256

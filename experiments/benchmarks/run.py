@@ -29,8 +29,9 @@ Comparisons (``--only`` names):
   at all L = 10 levels: ``jax.vmap`` over sigma (the library) against a
   Python loop over sigma (jitted JAX and eager PyTorch).
 * ``explicit_sm``: explicit score-matching training step with the exact
-  trace, d in {16, 64, 256}: the library's jvp trace (whole basis and
-  chunked) against ``jax.jacfwd`` + trace and the PyTorch autograd loop.
+  trace, d in {16, 64, 256}: the library's jvp trace (its default
+  ``chunk_size="auto"``, the whole basis, chunks of d/4) against
+  ``jax.jacfwd`` + trace and the PyTorch autograd loop.
 * ``langevin``: annealed Langevin, 10 levels x 100 steps, batch 64 and
   1024: the library's ``lax.scan`` against the PyTorch Python loop.
 * ``flops``: achieved matmul FLOP/s of the DSM training step at batch 2048
@@ -63,7 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from dsm_jax.divergence import exact_divergence  # noqa: E402
+from dsm_jax.divergence import exact_divergence, resolve_chunk_size  # noqa: E402
 from dsm_jax.losses import dsm_loss, explicit_score_matching_loss, multiscale_dsm_loss, sliced_score_matching_loss  # noqa: E402
 from dsm_jax.noise import geometric_sigmas  # noqa: E402
 from dsm_jax.samplers import annealed_langevin  # noqa: E402
@@ -405,7 +406,8 @@ def bench_explicit_sm(cfg, tref, repeats):
         x = jnp.asarray(_data(dim, batch))
         chunk = max(1, dim // 4)
         losses = {
-            "jvp": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x),
+            "jvp": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x),  # the default, chunk_size="auto"
+            "jvp_whole_basis": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x, chunk_size=None),
             f"jvp_chunk{chunk}": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x, chunk_size=chunk),
             "jacfwd_trace": lambda p, x, k: _jacfwd_esm_loss(net.score_fn(p), x),
         }
@@ -421,9 +423,10 @@ def bench_explicit_sm(cfg, tref, repeats):
         timed = interleaved(contenders, repeats=repeats, target_ms=cfg["target_ms"])
         rows.append(row(f"d={dim} B={batch}", timed, speedups(timed, {
             "torch/jvp": ("pytorch_autograd_loop", "jvp"),
+            "torch/jvp_whole_basis": ("pytorch_autograd_loop", "jvp_whole_basis"),
             "torch/jvp_chunked": ("pytorch_autograd_loop", f"jvp_chunk{chunk}"),
             "jacfwd/jvp": ("jacfwd_trace", "jvp"),
-        })))
+        }), auto_chunk_size=resolve_chunk_size("auto", batch, dim)))
     return rows
 
 
