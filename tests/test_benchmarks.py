@@ -58,6 +58,18 @@ def test_quick_run_without_torch(tmp_path, monkeypatch):
     assert times and not any("torch" in k or "pytorch" in k for k in times)
     # The targets that need no reference are still evaluated.
     assert {t["benchmark"] for t in payload["results"]["targets"]} == {"flops", "dim_scaling"}
+    # The summary over runs (here the same run twice) lists every ratio with its median and counts the met targets.
+    summarize = importlib.import_module("summarize")
+    text = summarize.main([str(tmp_path / "results.json")] * 2 + ["--out", str(tmp_path / "summary.md")])
+    assert (tmp_path / "summary.md").read_text() == text
+    n_ratios = sum(len(r["ratios"]) for rows in results.values() for r in rows)
+    assert text.count("| **") == n_ratios + len(payload["results"]["targets"])
+    target_lines = [line for line in text.splitlines() if line.endswith("runs |")]
+    assert len(target_lines) == len(payload["results"]["targets"])
+    for line, t in zip(target_lines, payload["results"]["targets"]):  # the same run twice: met in both or in neither
+        assert line.endswith(f"| {2 if t['met'] else 0}/2 runs |"), line
+    with pytest.raises(SystemExit, match="no such results file"):
+        summarize.main([str(tmp_path / "missing.json")])
     table = (tmp_path / "results.md").read_text()
     assert "### targets" in table and all(f"### {name}" in table for name in run.BENCHMARKS)
     # The step's matmul FLOPs grow with d: the d-scaling rows report the growth and the time normalised by it.
