@@ -250,6 +250,10 @@ def langevin(
     return (x, _with_start(x0, traj)) if return_trajectory else x
 
 
+# Annealed Langevin draws a level's noise up front when it has at most this many numbers (16 MiB of float32).
+PREDRAW_ELEMENTS = 1 << 22
+
+
 def _annealed_langevin(model_fn, x0, key, sigmas, steps_per_sigma, step_lr, final_denoise, every, parameterization, project):
     """Algorithm 1 of Song & Ermon 2019; ``project(x, sigma, key)`` (or None) runs after every step."""
     sigmas = jnp.asarray(sigmas, x0.dtype)
@@ -257,16 +261,22 @@ def _annealed_langevin(model_fn, x0, key, sigmas, steps_per_sigma, step_lr, fina
     score = lambda x, sigma: score_from_model(model_fn, x, sigma, parameterization=parameterization)
     level_keys = jax.random.split(key, sigmas.shape[0] + 1)
 
+    # The noise of a whole level is drawn before its steps when it is small: the same numbers as
+    # drawing it step by step (the same keys), without a PRNG call per step inside the loop.
+    predraw = steps_per_sigma * x0.size <= PREDRAW_ELEMENTS
+    normal = lambda k: jax.random.normal(k, x0.shape, x0.dtype)
+
     def level(x, inp):
         sigma, alpha, k = inp
+        k_z, k_p = jnp.moveaxis(jax.vmap(jax.random.split)(jax.random.split(k, steps_per_sigma)), 1, 0)
 
-        def step(x, k):
-            k_z, k_p = jax.random.split(k)
-            z = jax.random.normal(k_z, x.shape, x.dtype)
+        def step(x, inp):
+            z_or_key, k_p = inp
+            z = z_or_key if predraw else normal(z_or_key)
             x = x + 0.5 * alpha * score(x, sigma) + jnp.sqrt(alpha) * z
             return (x if project is None else project(x, sigma, k_p)), None
 
-        return _scan(step, x, jax.random.split(k, steps_per_sigma), every)
+        return _scan(step, x, (jax.vmap(normal)(k_z) if predraw else k_z, k_p), every)
 
     x, traj = jax.lax.scan(level, x0, (sigmas, alphas, level_keys[:-1]))
     if traj is not None:

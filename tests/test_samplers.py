@@ -412,3 +412,19 @@ def test_parameterizations_give_the_same_samples():
     )(x_init, jax.random.key(1))
     for p in ("eps", "x0", "energy"):
         np.testing.assert_allclose(out[p], out["score"], rtol=1e-3, atol=1e-3, err_msg=p)
+
+
+def test_annealed_langevin_noise_drawn_up_front_or_per_step_is_the_same(monkeypatch):
+    """A level's noise drawn before its steps (small problems) uses the same keys as drawing it step by step."""
+    import dsm_jax.samplers as samplers
+
+    score = lambda x, sigma: -x / (1.0 + sigma[:, None] ** 2)
+    x0 = jax.random.normal(jax.random.key(0), (16, 3)) * 3.0
+    sigmas = jnp.array([3.0, 1.0, 0.3])
+    run = lambda: samplers.annealed_langevin(score, x0, jax.random.key(1), sigmas, steps_per_sigma=7, step_lr=0.05,
+                                             return_trajectory=True, trajectory_every=3)
+    up_front = run()
+    monkeypatch.setattr(samplers, "PREDRAW_ELEMENTS", 0)
+    per_step = run()
+    np.testing.assert_allclose(up_front[0], per_step[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(up_front[1], per_step[1], rtol=1e-5, atol=1e-5)
