@@ -50,7 +50,7 @@ def resolve_chunk_size(chunk_size, batch: int, dim: int) -> Optional[int]:
     ``"auto"`` on a CPU takes chunks of ``max(1, 2048 // batch)`` directions
     (about 2048 tangent rows per chunk, small enough to stay in cache): the
     fastest setting measured for explicit score matching with an MLP score
-    (d = 64 and 256, batch 128: 16 directions, 30% faster than the whole
+    (d = 64 and 256, batch 128: 16 directions, 20-30% less time than the whole
     basis; ``experiments/benchmarks``). On accelerators it is the whole basis,
     whose parallelism they use.
     """

@@ -73,7 +73,7 @@ def explicit_score_matching_loss(score_fn: Callable[[jax.Array], jax.Array], x: 
         chunk_size: chunking of the trace's basis: ``None`` (all directions
             at once), a number of directions per chunk (bounds memory, also
             under ``jax.grad``), or ``"auto"`` (default: chunks of about 2048
-            tangent rows on a CPU, 30% faster there; the whole basis on
+            tangent rows on a CPU, 20-30% less time there; the whole basis on
             accelerators), see :func:`dsm_jax.divergence.resolve_chunk_size`.
 
     Returns:
