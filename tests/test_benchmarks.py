@@ -127,3 +127,19 @@ def test_torch_reference_matches_dsm_jax(tmp_path):
     assert "pytorch_loop" in row["times_ms"] and "torch/jax" in row["ratios"]
     assert row["jax_finite"] and row["torch_finite"]
     assert set(row["matmul_gflops_per_s"]) == set(row["times_ms"])
+
+
+def test_profile_ops_lists_xla_operations():
+    """The profiling helper (a fresh process: the XLA flag must be set before JAX starts) finds the step's dots."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(BENCH / "profile_ops.py"), "dsm_step", "--batch", "8", "--calls", "1", "--top", "40"],
+                         capture_output=True, text=True, env=env, cwd=BENCH, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if " ms  x" in line]
+    assert lines and any("dot" in line for line in lines), out.stdout
+    bad = subprocess.run([sys.executable, str(BENCH / "profile_ops.py"), "dsm_step", "--batch", "0"],
+                         capture_output=True, text=True, env=env, cwd=BENCH, timeout=300)
+    assert bad.returncode == 2 and "--batch must be >= 1, got 0" in bad.stderr

@@ -1,0 +1,105 @@
+"""Where the time of a benchmarked workload goes, per XLA operation (how RESULTS.md's profiles were taken).
+
+``python experiments/benchmarks/profile_ops.py dsm_step --batch 2048 --dim 2``
+runs the workload a few times under ``jax.profiler.trace`` with XLA's CPU
+thunks instrumented (``--xla_cpu_enable_xprof_traceme``), then prints the
+operations with the largest total time per call (fusions, dots, copies, while
+loops) from the Perfetto trace. Traced durations include the tracer's overhead
+and overlap when XLA runs independent thunks concurrently: read them as
+shares, not as absolute times. Workloads: ``dsm_step`` (the library's DSM
+train step), ``explicit_sm`` (its explicit SM step), ``langevin`` (annealed
+Langevin, 10 x 100 steps), ``multiscale`` (the L = 10 loss and gradient).
+"""
+
+from __future__ import annotations
+
+import os
+
+if "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import run  # noqa: E402  (the harness: the same networks and steps; imports dsm_jax first)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+WORKLOADS = ("dsm_step", "explicit_sm", "langevin", "multiscale")
+
+
+def workload(name: str, dim: int, batch: int):
+    """A blocking ``fn()`` running one call of the workload, on the harness's network."""
+    cfg = dict(run.FULL)
+    net = run.Net(dim, cfg, None)
+    x = jnp.asarray(run._data(dim, batch))
+    if name == "dsm_step":
+        step, state = run.jax_dsm_step(net)
+        return run.stepper(step, state, [(x, k) for k in run._keys()])
+    if name == "explicit_sm":
+        loss = lambda p, x, k: run.explicit_score_matching_loss(net.score_fn(p), x)
+        step, state = run._jax_train_step(loss, net.params)
+        return run.stepper(step, state, [(x, jax.random.key(0))])
+    if name == "langevin":
+        sigmas = run.geometric_sigmas(1.0, run.SIGMA_MIN, cfg["ld_levels"])
+        sample = jax.jit(lambda p, x, k: run.annealed_langevin(net.model_fn(p), x, k, sigmas, steps_per_sigma=cfg["ld_steps"],
+                                                               step_lr=cfg["ld_eps"], final_denoise=False))
+        return run.blocking(sample, net.params, x, jax.random.key(0))
+    sigmas = run.geometric_sigmas(run.SIGMA_MAX, run.SIGMA_MIN, cfg["ms_levels"])
+    grad = jax.jit(jax.value_and_grad(lambda p, x, k: run.multiscale_dsm_loss(net.model_fn(p), x, sigmas, k, weighting="sigma2",
+                                                                              sigma_sampling="all")))
+    return run.blocking(grad, net.params, x, jax.random.key(0))
+
+
+def top_operations(trace_dir: Path, calls: int, top: int) -> list:
+    """``[(name, ms per call, count per call)]`` of the XLA operations in the newest trace, largest first."""
+    files = sorted(trace_dir.glob("**/*.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {trace_dir}.")
+    events = json.load(gzip.open(files[-1]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        # Complete events of XLA operations; Python frames ($...) and the executor's own spans are skipped.
+        if e.get("ph") == "X" and not name.startswith("$") and "::" not in name and "(" not in name:
+            total[name] += e.get("dur", 0)
+            count[name] += 1
+    return [(n, t / 1e3 / calls, count[n] / calls) for n, t in total.most_common(top)]
+
+
+def main(argv: Optional[list] = None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workload", choices=WORKLOADS)
+    parser.add_argument("--dim", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--calls", type=int, default=5, help="traced calls (after 3 untraced warm-up calls)")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--trace-dir", type=Path, default=None, help="keep the trace here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    for name in ("dim", "batch", "calls", "top"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    fn = workload(args.workload, args.dim, args.batch)
+    for _ in range(3):
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_dir = args.trace_dir or Path(tmp)
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            for _ in range(args.calls):
+                fn()
+        rows = top_operations(trace_dir, args.calls, args.top)
+    print(f"{args.workload}, d={args.dim}, batch {args.batch}: XLA operations by traced time per call")
+    for name, ms, n in rows:
+        print(f"  {ms:9.3f} ms  x{n:6.0f}  {name}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
