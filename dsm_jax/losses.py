@@ -199,9 +199,14 @@ def _per_level_losses(model_fn, x, sigmas, key, parameterization, scale):
 
     ``sigmas`` is ``[L]`` (one level per row) or ``[L, B]`` (per-example levels per row).
     """
-    keys = jax.random.split(key, sigmas.shape[0])
-    eps = jax.vmap(lambda k: jax.random.normal(k, x.shape, dtype=x.dtype))(keys)
+    eps = _level_noise(key, sigmas.shape[0], x.shape, x.dtype)
     return _per_level_losses_given_eps(model_fn, x, sigmas, eps, parameterization, scale)
+
+
+def _level_noise(key, num_levels: int, x_shape, dtype) -> jax.Array:
+    """``eps [L, *x_shape]``: level ``i`` drawn with ``jax.random.split(key, L)[i]``."""
+    keys = jax.random.split(key, num_levels)
+    return jax.vmap(lambda k: jax.random.normal(k, x_shape, dtype=dtype))(keys)
 
 
 def _per_level_losses_given_eps(model_fn, x, sigmas, eps, parameterization, scale):
@@ -386,13 +391,11 @@ def _multiscale_draws(key, x_shape, dtype, sigmas, sigma_sampling) -> dict:
     batch = x_shape[0]
     num_levels = sigmas.shape[0]
     if sigma_sampling == "all":
-        keys = jax.random.split(key, num_levels)
-        return {"eps": jax.vmap(lambda k: jax.random.normal(k, x_shape, dtype=dtype))(keys)}
+        return {"eps": _level_noise(key, num_levels, x_shape, dtype)}
     if sigma_sampling == "stratified":
         k_u, k_loss = jax.random.split(key)
         grid = _jitter_in_log_cells(sigmas, jax.random.uniform(k_u, (num_levels, batch), dtype=dtype))
-        keys = jax.random.split(k_loss, num_levels)
-        return {"grid": grid, "eps": jax.vmap(lambda k: jax.random.normal(k, x_shape, dtype=dtype))(keys)}
+        return {"grid": grid, "eps": _level_noise(k_loss, num_levels, x_shape, dtype)}
     k_idx, k_eps = jax.random.split(key)
     eps = jax.random.normal(k_eps, x_shape, dtype=dtype)
     if sigma_sampling == "random":

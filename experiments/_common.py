@@ -91,11 +91,16 @@ def save_results(args: argparse.Namespace, name: str, results: dict, settings: d
         "machine": machine_info(),
     }
     path = Path(args.out) / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_to_builtin(payload), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(_to_builtin(payload), indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: an earlier file is never half-overwritten."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def save_figure(fig, args: argparse.Namespace, name: str) -> Path:

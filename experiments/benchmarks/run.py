@@ -56,7 +56,7 @@ for _p in (BENCH_DIR, BENCH_DIR.parent):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from _common import RESULTS_DIR, parse_args, save_results  # noqa: E402  (imports dsm_jax first)
+from _common import RESULTS_DIR, parse_args, save_results, write_atomic  # noqa: E402  (imports dsm_jax first)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -131,6 +131,11 @@ class SeedMLP(nn.Module):
         return nn.Dense(self.dim)(h)
 
 
+def layer_shapes(dim: int, hidden: int, num_layers: int) -> list:
+    """``[(in, out)]`` of :class:`SeedMLP`'s linear layers in call order: the sigma embedding, then the trunk."""
+    return [(1, hidden), (hidden, hidden), (dim + hidden, hidden)] + [(hidden, hidden)] * (num_layers - 2) + [(hidden, dim)]
+
+
 def matmul_flops_per_example(dim: int, hidden: int, num_layers: int, *, train: bool) -> int:
     """Multiply-add FLOPs (2 per MAC) of :class:`SeedMLP` per example, counted by hand.
 
@@ -139,9 +144,7 @@ def matmul_flops_per_example(dim: int, hidden: int, num_layers: int, *, train: b
     of every layer but the one reading sigma, and of the layer reading
     ``concat(x, embedding)`` only its embedding part (``2 * H * H``).
     """
-    layers = [(1, hidden), (hidden, hidden), (dim + hidden, hidden)]
-    layers += [(hidden, hidden)] * (num_layers - 2) + [(hidden, dim)]
-    fwd = sum(2 * i * o for i, o in layers)
+    fwd = sum(2 * i * o for i, o in layer_shapes(dim, hidden, num_layers))
     if not train:
         return fwd
     not_needed = 2 * 1 * hidden + 2 * dim * hidden  # input gradients of sigma and of x
@@ -535,9 +538,8 @@ def _matmul_chain(dim: int, hidden: int, num_layers: int, batch: int):
     counts, so its rate is what the step could reach if everything but the
     matmuls were free.
     """
-    shapes = [(1, hidden), (hidden, hidden), (dim + hidden, hidden)] + [(hidden, hidden)] * (num_layers - 2) + [(hidden, dim)]
     rng = np.random.default_rng(0)
-    weights = [jnp.asarray(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[0])) for s in shapes]
+    weights = [jnp.asarray(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[0])) for s in layer_shapes(dim, hidden, num_layers)]
     sigma = jnp.asarray(rng.standard_normal((batch, 1)).astype(np.float32))
     x = jnp.asarray(rng.standard_normal((batch, dim)).astype(np.float32))
 
@@ -646,15 +648,19 @@ def check_targets(results: dict) -> list:
     return out
 
 
+def _measurements(r: dict) -> list:
+    """``[(name, number, unit)]`` of a row: median times in ms, or peak memory in MiB."""
+    if "times_ms" in r:
+        return [(k, f"{v:.3g}", "ms") for k, v in r["times_ms"].items()]
+    return [(k, f"{v['total'] / 2**20:.1f}", "MiB") for k, v in r["bytes"].items()]
+
+
 def format_table(results: dict, targets: list) -> str:
     lines = []
     for name, rows in results.items():
         lines.append(f"== {name}")
         for r in rows:
-            if "times_ms" in r:
-                cells = "  ".join(f"{k}={v:.3g}ms" for k, v in r["times_ms"].items())
-            else:
-                cells = "  ".join(f"{k}={v['total'] / 2**20:.1f}MiB" for k, v in r["bytes"].items())
+            cells = "  ".join(f"{k}={n}{u}" for k, n, u in _measurements(r))
             ratios = "  ".join(f"{k}={v:.3g}" for k, v in r["ratios"].items())
             lines.append(f"  {r['setting']:<28} {cells}\n  {'':<28} {ratios}")
     lines.append("== targets")
@@ -670,10 +676,7 @@ def markdown_tables(results: dict, targets: list) -> str:
     for name, rows in results.items():
         out.append(f"### {name}\n")
         for r in rows:
-            if "times_ms" in r:
-                cells = ", ".join(f"{k} {v:.3g} ms" for k, v in r["times_ms"].items())
-            else:
-                cells = ", ".join(f"{k} {v['total'] / 2**20:.1f} MiB" for k, v in r["bytes"].items())
+            cells = ", ".join(f"{k} {n} {u}" for k, n, u in _measurements(r))
             ratios = ", ".join(f"**{k} = {v:.3g}**" for k, v in r["ratios"].items())
             out.append(f"- `{r['setting']}`: {cells}; {ratios}")
         out.append("")
@@ -724,9 +727,7 @@ def main(argv: Optional[list] = None) -> dict:
                 "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     stem = "results" if args.only is None else f"results_{args.only}"
     save_results(args, stem, {"benchmarks": results, "targets": targets}, settings)
-    md = Path(args.out) / f"{stem}.md"
-    md.with_suffix(".md.tmp").write_text(markdown_tables(results, targets))
-    os.replace(md.with_suffix(".md.tmp"), md)  # atomic, as the JSON: an earlier table is never half-overwritten
+    write_atomic(Path(args.out) / f"{stem}.md", markdown_tables(results, targets))
     return {"benchmarks": results, "targets": targets}
 
 
