@@ -11,9 +11,23 @@ evaluates and writes into ``runs/default``:
   two-sample floor, sliced Wasserstein distance, and the relative Fisher
   divergence per noise level when the exact score is known.
 
-User mistakes (an unknown preset or dataset, a bad path or value) print one
-line and exit with status 2; ``--debug`` (or ``DSM_JAX_DEBUG=1``) shows the
-traceback instead.
+The work directory is the user's data (:mod:`dsm_jax.workdir`): ``train``,
+``sample`` and ``evaluate`` hold an exclusive lock on it (``denoise`` too when
+its ``--output`` lies inside it), so a second writer is refused with the pid
+and host of the first; ``--overwrite`` deletes only the files a run writes,
+after every check has passed, and refuses when the directory holds anything
+else; with an unchanged training config it resumes instead.
+
+Exit status: 0 success; 1 a non-finite loss or gradient (the message names
+the step) or an internal error (shown with its traceback); 2 a user mistake,
+printed as one line: a ``UserError``, a ``ValueError`` raised while the
+command validates its inputs (before it changes anything), or an ``OSError``
+naming the path it could not read or write (read-only, full disk, not a
+directory); 130 on Ctrl-C (SIGINT) and 143 on SIGTERM, after one line saying
+what was kept. During training the current step is checkpointed first; during
+sampling the process ends at once, and as every file is written atomically
+(temporary file, then rename) each is either complete or absent.
+``--debug`` (or ``DSM_JAX_DEBUG=1``) shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -21,11 +35,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
-import shutil
+import re
+import signal
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,7 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsm_jax import config as config_lib
+from dsm_jax import workdir as workdir_lib
 from dsm_jax.config import Config
+from dsm_jax.interrupt import call_interruptibly, raise_on_sigterm
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 1
@@ -53,7 +72,7 @@ def _say(*args) -> None:
 def _write_atomic(path: Path, write) -> None:
     """Writes through ``write(tmp_path)`` then renames, so ``path`` is never half-written."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    tmp = workdir_lib.tmp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -164,7 +183,25 @@ def load_trained(workdir: Path):
     cfg = _require_run(workdir)
     run = build_run(cfg)
     params = load_params(workdir / "checkpoints", ema=True)
+    _check_params_match(run, params, workdir)
     return run, jax.tree.map(jnp.asarray, params)
+
+
+def _check_params_match(run: Run, params, workdir: Path) -> None:
+    """A UserError when the checkpoint's parameters do not fit the model of config.json (a hand edit)."""
+    x = jnp.zeros((1,) + run.dataset.shape, jnp.float32)
+    expected = jax.eval_shape(lambda k: run.model.init(k, x, jnp.ones((1,)))["params"], jax.random.key(0))
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    if want == got:
+        return
+    diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+    name = diff[0]
+    raise UserError(
+        f"{os.fspath(workdir / 'config.json')!r} does not match the run's checkpoint (parameter {name}: "
+        f"{got.get(name, 'absent')} in the checkpoint, {want.get(name, 'absent')} from config.json); "
+        "was it edited? Restore the model settings the run was trained with."
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -301,6 +338,10 @@ def _sample_and_evaluate(run: Run, params, workdir: Path, *, num: int, sampler: 
     t0 = time.perf_counter()
     samples, nfe = draw_samples(run, params, k_sample, num, sampler)
     seconds = time.perf_counter() - t0
+    if not np.isfinite(samples).any():
+        hint = "a smaller --set step_lr=..." if sampler == "ald" else "another sampler"
+        raise UserError(f"the {sampler} sampler diverged: all {num} samples are NaN or Inf; nothing was written; "
+                        f"try {hint}.")
     results = evaluate(run, params, samples, k_eval)
     results.update(sampler=sampler, nfe=nfe, sampling_seconds=round(seconds, 3), seed=seed)
     if jax.process_index() == 0:
@@ -351,67 +392,228 @@ def resolve_config(args) -> Config:
     return config_lib.apply_overrides(cfg, overrides)
 
 
-def _prepare_workdir(workdir: Path, cfg: Config, overwrite: bool) -> str:
-    """Creates, resumes or (with ``--overwrite``) clears the work directory; returns what happened."""
-    saved = _load_saved_config(workdir) if workdir.is_dir() else None
-    if workdir.is_dir() and saved is None and any(workdir.iterdir()):
-        raise UserError(
-            f"--workdir {os.fspath(workdir)!r} exists, is not empty and holds no dsm-jax run; "
-            "choose another --workdir (nothing was changed)."
-        )
-    if saved is not None:
-        diffs = config_lib.training_differences(saved, cfg)
-        if diffs and not overwrite:
-            shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in diffs[:4])
-            raise UserError(
-                f"--workdir {os.fspath(workdir)!r} holds a run with a different config ({shown}); "
-                "pass --overwrite to start over or choose another --workdir."
-            )
-        if diffs or overwrite:
-            if jax.process_index() == 0:
-                shutil.rmtree(workdir)
-            saved = None
+# ---------------------------------------------------------------------------
+# The work directory, phases and interrupts
+# ---------------------------------------------------------------------------
+
+# What a command is doing, kept in ``args.phase``: a ValueError is a user mistake only while
+# "checking" (nothing has been changed yet); later, only a UserError is (anything else is a bug).
+_CHECKING, _PREPARING, _TRAINING, _SAMPLING = "checking", "preparing", "training", "sampling"
+
+
+class _Interrupted(KeyboardInterrupt):
+    """A signal ended the command; ``line`` says what was kept."""
+
+    def __init__(self, line: str, signum: int):
+        super().__init__(line)
+        self.line, self.signum = line, int(signum)
+
+
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _names(names: Sequence[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _lock_workdir(stack: ExitStack, workdir: Path, command: str) -> Optional[workdir_lib.WorkdirLock]:
+    """Locks ``workdir`` until ``stack`` closes (process 0 of a multi-host run only; others get None)."""
+    if jax.process_index() != 0:
+        return None
+    return stack.enter_context(workdir_lib.WorkdirLock(workdir, command=command))
+
+
+def _interrupt_cleanups(workdir: Path, lock: Optional[workdir_lib.WorkdirLock]) -> list:
+    """What to undo before exiting on a signal: this process's temporaries, then the lock."""
+    out = [lambda: workdir_lib.remove_tmp_files(workdir)]
+    if lock is not None:
+        out.append(lock.release)
+    return out
+
+
+def _checkpoint_steps(workdir: Path) -> list:
+    """The steps of the checkpoints in ``workdir/checkpoints``, ascending (orbax names them by step)."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _plan_workdir(workdir: Path, cfg: Config, overwrite: bool) -> tuple:
+    """What ``train`` would do with ``workdir``, changing nothing: ``(action, note)``.
+
+    ``action`` is "new" (absent or empty), "resume" (a run with the same
+    training config, also under ``--overwrite``) or "clear" (delete the run
+    files, :data:`dsm_jax.workdir.RUN_FILES`: a run with another config under
+    ``--overwrite``, or one that never wrote a checkpoint). ``note`` is a line
+    to print, or None.
+
+    Raises:
+        UserError: ``workdir`` is a file; holds no run but other files; holds a
+            run with another config and checkpoints without ``--overwrite``; or
+            would have to be cleared while it holds files no run wrote (named).
+    """
+    where = f"--workdir {os.fspath(workdir)!r}"
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"{where} is a file, not a directory; choose another --workdir.")
+    if not workdir.is_dir() or not [e for e in workdir.iterdir() if e.name != workdir_lib.LOCK_NAME]:
+        return "new", None
+    foreign = workdir_lib.foreign_entries(workdir)
+    saved = None if "config.json" in foreign else _load_saved_config(workdir)
+    if saved is None:
+        if foreign:
+            raise UserError(f"{where} exists, is not empty and holds no dsm-jax run ({_names(foreign)}); "
+                            "choose another --workdir (nothing was changed).")
+        if not overwrite:
+            raise UserError(f"{where} holds files of a dsm-jax run but no config.json; pass --overwrite to delete "
+                            "them or choose another --workdir.")
+        return "clear", "deleting the files of a run without config.json (--overwrite)"
+    diffs = config_lib.training_differences(saved, cfg)
+    if not diffs:
+        return "resume", ("--overwrite: the run there has the same training config; resuming it (nothing deleted)"
+                          if overwrite else None)
+    shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in diffs[:4])
+    steps = _checkpoint_steps(workdir)
+    if steps and not overwrite:
+        raise UserError(f"{where} holds a run with a different config ({shown}); "
+                        "pass --overwrite to start over or choose another --workdir.")
+    if foreign:
+        raise UserError(f"{where} holds a run with a different config ({shown}) and also files no dsm-jax run "
+                        f"wrote ({_names(foreign)}); nothing was deleted: move them away or choose another --workdir.")
+    return "clear", (f"deleting the run there, whose config differs ({shown}; --overwrite)" if steps else
+                     "replacing the run there, which has a different config and no checkpoint")
+
+
+def _prepare_workdir(workdir: Path, cfg: Config, overwrite: bool,
+                     lock: Optional[workdir_lib.WorkdirLock] = None) -> str:
+    """Under the lock, resumes or starts ``workdir``, clearing only run files; returns "new" or "resume".
+
+    The plan is made again here, under the lock, so that it matches what is
+    on disk now. The directory itself is never removed (it may be the
+    current directory, a parent of it, or the home directory).
+    """
+    action, note = _plan_workdir(workdir, cfg, overwrite)
+    if note:
+        _say(f"{workdir}: {note}")
+    if action == "clear" and jax.process_index() == 0:
+        workdir_lib.clear_run_files(workdir, keep=None if lock is None else lock.path)
     workdir.mkdir(parents=True, exist_ok=True)
-    return "resume" if saved is not None else "new"
+    return "resume" if action == "resume" else "new"
+
+
+def _check_config(cfg: Config) -> None:
+    """What a config alone shows cannot train: checked before any data is loaded."""
+    if cfg.num_sigmas < 2:
+        raise UserError(f"num_sigmas={cfg.num_sigmas} cannot work: the noise grid runs from sigma_max to sigma_min "
+                        "and needs at least 2 levels; pass --set num_sigmas=N with N >= 2.")
+
+
+def _check_trainable(run: Run, *, sample: bool) -> None:
+    """The checks of what would otherwise fail late: the devices, the held-out data to evaluate against."""
+    cfg = run.config
+    if cfg.batch_size % jax.device_count():
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {jax.device_count()} devices.")
+    num_test = run.dataset.test.shape[0]
+    if sample and num_test < 2:
+        total = num_test + run.dataset.train.shape[0]
+        how = f"num_test={cfg.num_test}" if cfg.num_test is not None else "by default 10% of a user array's rows"
+        raise UserError(f"{cfg.dataset!r} leaves {num_test} held-out examples of {total} ({how}); evaluation after "
+                        "training needs at least 2: pass --set num_test=N with N >= 2, or --no-sample.")
+
+
+def _training_interrupted(err: BaseException, workdir: Path) -> BaseException:
+    """The one-line report of a signal during ``train()``: whether and at which step it checkpointed.
+
+    ``train()`` checkpoints the current step before raising ``KeyboardInterrupt``
+    (SIGINT) or ``SystemExit(143)`` (SIGTERM); a signal before its loop (during
+    the restore or the compilation) arrives as a bare interrupt and saves nothing.
+    """
+    if isinstance(err, SystemExit):
+        if err.code != 128 + signal.SIGTERM:
+            return err
+        signum, saved = signal.SIGTERM, True
+    else:
+        signum = getattr(err, "signum", signal.SIGINT)
+        saved = getattr(err, "saved", None)
+        if saved is None:
+            saved = "checkpoint saved" in str(err)
+    name = _signal_name(signum)
+    steps = _checkpoint_steps(workdir)
+    step = getattr(err, "step", None) or (steps[-1] if steps else None)
+    if saved and step is not None:
+        line = f"interrupted ({name}) at step {step}, which was checkpointed; re-run the same command to resume."
+    elif steps:
+        line = (f"interrupted ({name}) before this session's first checkpoint; the checkpoint of step {steps[-1]} "
+                "is kept; re-run the same command to resume.")
+    else:
+        line = f"interrupted ({name}) before the first checkpoint; re-run the same command to start again."
+    return _Interrupted(line, signum)
+
+
+def _sampling_interrupted_line(command: str, workdir: Path) -> str:
+    kept = ("the trained checkpoints are kept; 'dsm-jax evaluate --workdir " + os.fspath(workdir) + "' samples again"
+            if command == "train" else "every file already in the work directory is intact")
+    return f"dsm-jax {command}: interrupted while sampling; nothing of this sampling was written, {kept}."
 
 
 def cmd_train(args) -> int:
-    from dsm_jax.models import init_params
     from dsm_jax.data import BatchSource
+    from dsm_jax.models import init_params
     from dsm_jax.train import make_dsm_loss_fn, make_optimizer, train
 
     cfg = resolve_config(args)
     workdir = Path(args.workdir or f"runs/{args.preset}")
-    run = build_run(cfg)
-    what = _prepare_workdir(workdir, cfg, args.overwrite)
-    if jax.process_index() == 0:
-        _write_atomic(workdir / "config.json", lambda p: p.write_text(config_lib.dumps(cfg, run.resolved)))
-    n_params = None
-    params = init_params(run.model, jax.random.key(cfg.seed), jnp.asarray(run.dataset.train[:1]))
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    _say(f"{'resuming' if what == 'resume' else 'training'} in {workdir}: {run.dataset.description or cfg.dataset}; "
-         f"{cfg.model} ({n_params:,} parameters); {len(run.sigmas)} sigmas "
-         f"{run.sigmas[0]:.3g} -> {run.sigmas[-1]:.3g}; {cfg.num_steps} steps of batch {cfg.batch_size} "
-         f"on {jax.local_device_count()} {jax.default_backend()} device(s)")
-    loss_fn = make_dsm_loss_fn(
-        run.model, jnp.asarray(run.sigmas), weighting=cfg.weighting, parameterization=cfg.parameterization,
-        sigma_sampling=cfg.sigma_sampling, scale_by_sigma=cfg.scale_by_sigma,
-    )
-    if cfg.batch_size % jax.device_count():
-        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {jax.device_count()} devices.")
-    optimizer = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, grad_clip_norm=cfg.grad_clip_norm)
-    t0 = time.perf_counter()
-    state = train(
-        loss_fn, params, BatchSource(run.dataset.train, cfg.batch_size, seed=cfg.seed), workdir=workdir,
-        num_steps=cfg.num_steps, optimizer=optimizer, seed=cfg.seed, ema_decay=cfg.ema_decay,
-        steps_per_call=cfg.steps_per_call, save_every=cfg.save_every, keep=cfg.keep, log_every=cfg.log_every,
-        config=config_lib.training_fields(cfg), quiet=args.quiet,
-    )
-    _say(f"trained to step {int(state.step)} in {time.perf_counter() - t0:.1f} s")
-    if args.no_sample:
-        return 0
-    params = jax.tree.map(jnp.asarray, state.ema_params)
-    results = _sample_and_evaluate(run, params, workdir, num=cfg.num_samples, sampler=cfg.sampler, seed=cfg.seed)
+    with ExitStack() as stack:
+        # An existing directory is locked before it is inspected, so that it cannot change between the
+        # checks and the writes; a new one is only created once every check has passed.
+        lock = _lock_workdir(stack, workdir, "train") if workdir.is_dir() else None
+        _plan_workdir(workdir, cfg, args.overwrite)
+        _check_config(cfg)
+        run = build_run(cfg)
+        _check_trainable(run, sample=not args.no_sample)
+        params = init_params(run.model, jax.random.key(cfg.seed), jnp.asarray(run.dataset.train[:1]))
+        n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+        loss_fn = make_dsm_loss_fn(
+            run.model, jnp.asarray(run.sigmas), weighting=cfg.weighting, parameterization=cfg.parameterization,
+            sigma_sampling=cfg.sigma_sampling, scale_by_sigma=cfg.scale_by_sigma,
+        )
+        optimizer = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                                   grad_clip_norm=cfg.grad_clip_norm)
+        batches = BatchSource(run.dataset.train, cfg.batch_size, seed=cfg.seed)
+        args.phase = _PREPARING
+        if lock is None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            lock = _lock_workdir(stack, workdir, "train")
+        what = _prepare_workdir(workdir, cfg, args.overwrite, lock)
+        # config.json is written once the run really starts: a failed check above leaves none behind.
+        if jax.process_index() == 0:
+            _write_atomic(workdir / "config.json", lambda p: p.write_text(config_lib.dumps(cfg, run.resolved)))
+        args.phase = _TRAINING
+        _say(f"{'resuming' if what == 'resume' else 'training'} in {workdir}: "
+             f"{run.dataset.description or cfg.dataset}; {cfg.model} ({n_params:,} parameters); "
+             f"{len(run.sigmas)} sigmas {run.sigmas[0]:.3g} -> {run.sigmas[-1]:.3g}; {cfg.num_steps} steps of "
+             f"batch {cfg.batch_size} on {jax.local_device_count()} {jax.default_backend()} device(s)")
+        t0 = time.perf_counter()
+        try:
+            state = train(
+                loss_fn, params, batches, workdir=workdir,
+                num_steps=cfg.num_steps, optimizer=optimizer, seed=cfg.seed, ema_decay=cfg.ema_decay,
+                steps_per_call=cfg.steps_per_call, save_every=cfg.save_every, keep=cfg.keep,
+                log_every=cfg.log_every, config=config_lib.training_fields(cfg), quiet=args.quiet,
+            )
+        except (KeyboardInterrupt, SystemExit) as err:
+            raise _training_interrupted(err, workdir) from None
+        _say(f"trained to step {int(state.step)} in {time.perf_counter() - t0:.1f} s")
+        if args.no_sample:
+            return 0
+        args.phase = _SAMPLING
+        params = jax.tree.map(jnp.asarray, state.ema_params)
+        results = call_interruptibly(
+            lambda: _sample_and_evaluate(run, params, workdir, num=cfg.num_samples, sampler=cfg.sampler,
+                                         seed=cfg.seed),
+            message=_sampling_interrupted_line("train", workdir), cleanups=_interrupt_cleanups(workdir, lock),
+        )
     _print_metrics(results)
     _say(f"wrote {workdir}/: checkpoints/, config.json, metrics.jsonl, samples.npz, metrics.json"
          + "".join(f", {f}" for f in results.get("figures", [])))
@@ -421,15 +623,22 @@ def cmd_train(args) -> int:
 def _sample_command(args, *, save_as_run_metrics: bool) -> int:
     """``sample`` (new files named after sampler, size and seed) and ``evaluate`` (metrics.json)."""
     workdir = Path(args.workdir)
-    run, params = load_trained(workdir)
-    sampler = args.sampler or run.config.sampler
-    num = args.num or run.config.num_samples
-    seed = run.config.seed if args.seed is None else args.seed
-    names = {} if save_as_run_metrics else {
-        "samples_name": f"samples_{sampler}_n{num}_seed{seed}",
-        "metrics_name": f"samples_{sampler}_n{num}_seed{seed}_metrics.json",
-    }
-    results = _sample_and_evaluate(run, params, workdir, num=num, sampler=sampler, seed=seed, **names)
+    with ExitStack() as stack:
+        # sample and evaluate write into the run directory: one writer at a time.
+        lock = _lock_workdir(stack, workdir, args.command) if workdir.is_dir() else None
+        run, params = load_trained(workdir)
+        sampler = args.sampler or run.config.sampler
+        num = run.config.num_samples if args.num is None else args.num
+        seed = run.config.seed if args.seed is None else args.seed
+        names = {} if save_as_run_metrics else {
+            "samples_name": f"samples_{sampler}_n{num}_seed{seed}",
+            "metrics_name": f"samples_{sampler}_n{num}_seed{seed}_metrics.json",
+        }
+        args.phase = _SAMPLING
+        results = call_interruptibly(
+            lambda: _sample_and_evaluate(run, params, workdir, num=num, sampler=sampler, seed=seed, **names),
+            message=_sampling_interrupted_line(args.command, workdir), cleanups=_interrupt_cleanups(workdir, lock),
+        )
     _print_metrics(results)
     written = "metrics.json" if save_as_run_metrics else names["samples_name"] + ".npz"
     _say(f"wrote {workdir / written} ({results['nfe']} model evaluations per sample)")
@@ -454,33 +663,70 @@ def cmd_denoise(args) -> int:
     inp, outp = Path(args.input), Path(args.output)
     if outp.suffix != ".npy":
         raise UserError(f"--output must be a .npy path, got {args.output!r}.")
+    if outp.is_dir():
+        raise UserError(f"--output {args.output!r} is a directory; give the path of a .npy file to write.")
     if outp.exists() and inp.exists() and outp.resolve() == inp.resolve():
         raise UserError(f"--output {args.output!r} is the input file; choose another path.")
     if not outp.parent.is_dir():
         raise UserError(f"--output directory {os.fspath(outp.parent)!r} does not exist.")
     y = load_array(inp)
-    run, params = load_trained(workdir)
-    shape = run.dataset.shape
-    single = tuple(y.shape) == shape
-    if single:
-        y = y[None]
-    if tuple(y.shape[1:]) != shape:
-        dims = ", ".join(map(str, shape))
-        raise UserError(f"--input has shape {tuple(y.shape)}; the model expects [N, {dims}].")
-    model_fn = run.model_fn(params)
-    fn = jax.jit(lambda y: denoise(model_fn, y, args.sigma, parameterization=run.config.parameterization))
-    chunk = 1024
-    out = np.concatenate([np.asarray(fn(jnp.asarray(y[i:i + chunk]))) for i in range(0, y.shape[0], chunk)])
-    if single:
-        out = out[0]
-    _write_atomic(outp, lambda p: np.save(open(p, "wb"), out.astype(np.float32)))
+    with ExitStack() as stack:
+        # denoise only reads the run (read-only restore, safe beside a live run); it locks the
+        # run directory only when it writes its output there.
+        inside = workdir.is_dir() and workdir.resolve() in outp.resolve().parents
+        lock = _lock_workdir(stack, workdir, "denoise") if inside else None
+        run, params = load_trained(workdir)
+        shape = run.dataset.shape
+        single = tuple(y.shape) == shape
+        if single:
+            y = y[None]
+        if tuple(y.shape[1:]) != shape:
+            dims = ", ".join(map(str, shape))
+            raise UserError(f"--input has shape {tuple(y.shape)}; the model expects [N, {dims}].")
+        model_fn = run.model_fn(params)
+        fn = jax.jit(lambda y: denoise(model_fn, y, args.sigma, parameterization=run.config.parameterization))
+        chunk = 1024
+
+        def work():
+            out = np.concatenate([np.asarray(fn(jnp.asarray(y[i:i + chunk]))) for i in range(0, y.shape[0], chunk)])
+            _write_atomic(outp, lambda p: np.save(open(p, "wb"), (out[0] if single else out).astype(np.float32)))
+
+        args.phase = _SAMPLING
+        call_interruptibly(work, message=f"dsm-jax denoise: interrupted; {outp} was not written (nor changed).",
+                           cleanups=_interrupt_cleanups(outp.parent, lock))
     _say(f"denoised {y.shape[0]} example(s) at sigma={args.sigma:g} (Tweedie: x + sigma^2 s(x, sigma)); wrote {outp}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage block), exit status 2 as usual."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int, what: str):
+    """An argparse ``type=`` for integers >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     presets = ", ".join(config_lib.PRESETS)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dsm-jax",
         description="Score-based generative modelling with denoising score matching (JAX).",
     )
@@ -500,12 +746,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="default", help=f"named config: {presets} (default: default)")
     t.add_argument("--dataset", help="a built-in dataset or a path to a .npy/.npz array [N, ...]")
     t.add_argument("--workdir", help="run directory (default: runs/<preset>)")
-    t.add_argument("--num-steps", type=int, dest="num_steps", help="training steps")
-    t.add_argument("--seed", type=int, help="run seed")
+    t.add_argument("--num-steps", type=_non_negative_int, dest="num_steps", help="training steps")
+    t.add_argument("--seed", type=_non_negative_int, help="run seed")
     t.add_argument("--sampler", choices=config_lib.SAMPLERS, help="sampler for the final samples")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a config field (repeatable), e.g. --set learning_rate=3e-4")
-    t.add_argument("--overwrite", action="store_true", help="delete the run in --workdir if its config differs")
+    t.add_argument("--overwrite", action="store_true",
+                   help="if the run in --workdir has another training config, delete its files (only those "
+                   "a run writes; refused if the directory holds others); with the same config, resume")
     t.add_argument("--no-sample", action="store_true", dest="no_sample", help="train only")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--list", action="store_true", help="list presets and datasets, then exit")
@@ -514,10 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ("evaluate", "sample and recompute metrics.json of a trained run")):
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--workdir", required=True)
-        p.add_argument("--num", type=int, help="number of samples (default: the run's num_samples)")
+        p.add_argument("--num", type=_positive_int, help="number of samples (default: the run's num_samples)")
         p.add_argument("--sampler", choices=config_lib.SAMPLERS,
                        help="ald (annealed Langevin), em (reverse SDE), pc (predictor-corrector), ode (probability flow)")
-        p.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
+        p.add_argument("--seed", type=_non_negative_int, help="sampling seed (default: the run's seed)")
 
     d = sub.add_parser("denoise", help="Tweedie-denoise noisy arrays with a trained run",
                        description="E[x | y] = y + sigma^2 s(y, sigma) for y = x + sigma * noise.")
@@ -541,40 +789,137 @@ def _list() -> int:
     return 0
 
 
+def _os_error_line(err: OSError) -> str:
+    """``<reason>: <path>`` of an OSError, naming the destination of an atomic write, not its temporary."""
+    path = err.filename if err.filename is not None else err.filename2
+    if path is None:
+        return str(err)
+    path = Path(os.fsdecode(path))
+    if path.name.startswith(".") and f".tmp{os.getpid()}" in path.name:
+        path = path.with_name(path.name[1:].split(f".tmp{os.getpid()}")[0])
+    return f"{err.strerror or type(err).__name__}: {os.fspath(path)!r}"
+
+
+def _storage_error_line(err: BaseException) -> Optional[str]:
+    """The one line of a failed write reported by a library as another exception, or None.
+
+    orbax (through tensorstore) reports a full disk or a read-only file system
+    as ``ValueError: RESOURCE_EXHAUSTED: ... at local file "<path>" ...
+    [os_error_code='28']``; the operating system's errno and the path are
+    taken from the message (and from chained exceptions).
+    """
+    while err is not None:
+        if isinstance(err, OSError):
+            return _os_error_line(err)
+        match = re.search(r"os_error_code='?(\d+)", str(err))
+        if match:
+            where = re.search(r'local file "([^"]+)"', str(err))
+            path = where.group(1) if where else None
+            if path and "/checkpoints/" in path:
+                path = path[: path.index("/checkpoints/") + len("/checkpoints")]
+            return f"{os.strerror(int(match.group(1)))} while writing {path!r}" if path else os.strerror(
+                int(match.group(1)))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _interrupt_line(args, err: KeyboardInterrupt) -> tuple:
+    """``(line, exit status)`` for a signal that ended the command outside the sections that report it."""
+    if isinstance(err, _Interrupted):
+        return err.line, 128 + err.signum
+    signum = getattr(err, "signum", signal.SIGINT)
+    phase = getattr(args, "phase", _CHECKING)
+    what = {_CHECKING: "before anything was changed", _PREPARING: "while preparing the work directory; re-run the "
+            "same command", _TRAINING: "after training; re-run the same command to resume or sample",
+            _SAMPLING: "while sampling; every file already written is intact"}[phase]
+    return f"interrupted ({_signal_name(signum)}) {what}.", 128 + signum
+
+
+class _QuietLibraryErrors:
+    """Drops orbax's background reports of a failed write while a command runs (not under ``--debug``).
+
+    When a checkpoint write fails (a full disk), orbax logs the error from each
+    of its writer threads through absl, and tensorstore's late completions
+    report "Event loop is closed" as unraisable exceptions; the same error is
+    raised to the command, which reports it in one line, so both are noise.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.failed = enabled, False
+
+    @staticmethod
+    def filter(record) -> bool:
+        return False
+
+    def __enter__(self):
+        if self.enabled:
+            from dsm_jax.checkpoint import _DropClosedLoopErrors
+
+            self._closed_loop = _DropClosedLoopErrors()
+            logging.getLogger("absl").addFilter(self.filter)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._closed_loop.remove(grace_seconds=0.2 if self.failed else 0.0)
+            logging.getLogger("absl").removeFilter(self.filter)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit status (0 success, 1 non-finite training, 2 user error, 130 interrupted)."""
+    """Entry point; returns the exit status.
+
+    0 success; 1 a non-finite loss (or an internal error, raised with its
+    traceback); 2 a user mistake in one line: a :class:`UserError` at any
+    time, a ``ValueError`` raised while the command checks its inputs (before
+    it changes anything; later ones are bugs and keep their traceback), or an
+    ``OSError`` naming the path (read-only, disk full, not a directory...);
+    130 SIGINT, 143 SIGTERM.
+    """
     parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
     if not argv:
         argv = ["--help"]
     args = parser.parse_args(argv)
+    args.phase = _CHECKING
     debug = args.debug or os.environ.get("DSM_JAX_DEBUG", "") not in ("", "0")
     from dsm_jax.train import NonFiniteError
 
-    try:
-        if args.distributed:
-            jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                       num_processes=args.num_processes, process_id=args.process_id)
-        if args.command == "train" and args.list:
-            return _list()
-        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "denoise": cmd_denoise}[
-            args.command](args)
-    except (ValueError, FileNotFoundError) as err:
-        if debug:
-            raise
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"dsm-jax {args.command}: error: {msg}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except NonFiniteError as err:
-        if debug:
-            raise
-        print(f"dsm-jax {args.command}: training stopped: {err}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except KeyboardInterrupt:
-        print("\ndsm-jax: interrupted; the current step was checkpointed, re-run the same command to resume.",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    def fail(kind: str, msg: str, status: int) -> int:
+        quiet.failed = True
+        print(f"dsm-jax {args.command}: {kind}: {msg}", file=sys.stderr)
+        return status
+
+    with raise_on_sigterm(), _QuietLibraryErrors(enabled=not debug) as quiet:
+        try:
+            if args.distributed:
+                jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                                           num_processes=args.num_processes, process_id=args.process_id)
+            if args.command == "train" and args.list:
+                return _list()
+            return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "denoise": cmd_denoise}[
+                args.command](args)
+        except ValueError as err:
+            if debug:
+                raise
+            storage = _storage_error_line(err)
+            if storage is not None:
+                return fail("error", storage, EXIT_USER_ERROR)
+            if not (isinstance(err, UserError) or args.phase == _CHECKING):
+                raise
+            return fail("error", str(err).splitlines()[0] if str(err) else type(err).__name__, EXIT_USER_ERROR)
+        except OSError as err:
+            if debug:
+                raise
+            return fail("error", _os_error_line(err), EXIT_USER_ERROR)
+        except NonFiniteError as err:
+            if debug:
+                raise
+            return fail("training stopped", str(err), EXIT_NONFINITE)
+        except KeyboardInterrupt as err:
+            line, status = _interrupt_line(args, err)
+            print(f"dsm-jax {args.command}: {line}", file=sys.stderr)
+            return status
 
 
 def entry_point() -> None:

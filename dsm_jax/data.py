@@ -87,6 +87,8 @@ DIGITS_RANGE = (-1.0, 1.0)
 _TOY_DEFAULTS = (10_000, 2_000)
 _DIGITS_NUM_TEST = 297
 _ARRAY_SUFFIXES = (".npy", ".npz")
+_NPY_MAGIC = b"\x93NUMPY"
+_NPZ_MAGIC = b"PK"  # a zip archive
 
 PathLike = Union[str, os.PathLike]
 
@@ -370,8 +372,10 @@ def validate_array(data: Any, *, name: str = "data") -> np.ndarray:
 
     Raises:
         ValueError: the array is not floating point, has fewer than 2
-            dimensions or no examples, or has rows (examples) containing NaN
-            or Inf (their count and first indices are given).
+            dimensions or no examples, has rows (examples) containing NaN
+            or Inf (their count and first indices are given), or values so
+            large that squared distances between examples overflow float32
+            (``|x| > sqrt(3.4e38 / (4 d))`` for ``d`` values per example).
     """
     arr = np.asarray(data)
     if not np.issubdtype(arr.dtype, np.floating):
@@ -395,6 +399,16 @@ def validate_array(data: Any, *, name: str = "data") -> np.ndarray:
             f"{name} has {bad_rows.size} of {arr.shape[0]} examples containing NaN or Inf values "
             f"(first indices: {first}); remove or fix them."
         )
+    # Training works in float32 and squares distances between examples (sigma_max, losses): with
+    # |x| <= m in d dimensions a squared distance reaches 4 d m^2, which must stay below float32's max.
+    largest = float(np.max(np.abs(arr))) if arr.size else 0.0
+    limit = math.sqrt(float(np.finfo(np.float32).max) / (4 * max(math.prod(arr.shape[1:]), 1)))
+    if largest > limit:
+        raise ValueError(
+            f"{name} holds values up to {largest:.3g} in magnitude, which overflow float32 arithmetic (squared "
+            f"distances exceed {float(np.finfo(np.float32).max):.3g}; at most {limit:.3g} fits); rescale the data, "
+            "e.g. standardise it."
+        )
     return arr.astype(np.float32, copy=False)
 
 
@@ -410,16 +424,31 @@ def load_array(path: PathLike, *, key: Optional[str] = None) -> np.ndarray:
         ``[N, ...]`` float32, every value finite.
 
     Raises:
-        ValueError: the file is missing or unreadable, has another suffix,
-            holds objects (pickles), the ``.npz`` key is missing or
+        ValueError: the file is missing, a directory or unreadable, has another
+            suffix, is not in the numpy format its suffix says (e.g. a text
+            file renamed ``.npy``), holds objects (pickles), the ``.npz`` key is missing or
             ambiguous, or the array fails :func:`validate_array`.
     """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in _ARRAY_SUFFIXES:
         raise ValueError(f"data file {path!r} must end in .npy or .npz, got suffix {suffix!r}.")
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path!r} is a directory, not a .npy/.npz file.")
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist.")
+    magic = _NPY_MAGIC if suffix == ".npy" else _NPZ_MAGIC
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(magic))
+    except OSError as err:
+        raise ValueError(f"cannot read {path!r}: {err.strerror}.") from None
+    if head != magic:
+        kind = "a .npy file (np.save)" if suffix == ".npy" else "a .npz archive (np.savez)"
+        raise ValueError(
+            f"{path!r} is not {kind}: it does not start with the format's signature (a text or other file "
+            f"renamed {suffix}? Load text with np.loadtxt, then save it with np.save)."
+        )
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as err:
