@@ -421,7 +421,10 @@ def _lock_workdir(stack: ExitStack, workdir: Path, command: str) -> Optional[wor
     """Locks ``workdir`` until ``stack`` closes (process 0 of a multi-host run only; others get None)."""
     if jax.process_index() != 0:
         return None
-    return stack.enter_context(workdir_lib.WorkdirLock(workdir, command=command))
+    try:
+        return stack.enter_context(workdir_lib.WorkdirLock(workdir, command=command))
+    except workdir_lib.WorkdirLocked as err:
+        raise UserError(str(err)) from None
 
 
 def _interrupt_cleanups(workdir: Path, lock: Optional[workdir_lib.WorkdirLock]) -> list:
@@ -497,7 +500,10 @@ def _prepare_workdir(workdir: Path, cfg: Config, overwrite: bool,
     if note:
         _say(f"{workdir}: {note}")
     if action == "clear" and jax.process_index() == 0:
-        workdir_lib.clear_run_files(workdir, keep=None if lock is None else lock.path)
+        try:
+            workdir_lib.clear_run_files(workdir, keep=None if lock is None else lock.path)
+        except ValueError as err:  # refused before deleting anything
+            raise UserError(str(err)) from None
     workdir.mkdir(parents=True, exist_ok=True)
     return "resume" if action == "resume" else "new"
 
