@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -806,6 +807,9 @@ def _os_error_line(err: OSError) -> str:
     return f"{err.strerror or type(err).__name__}: {os.fspath(path)!r}"
 
 
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+
+
 def _storage_error_line(err: BaseException) -> Optional[str]:
     """The one line of a failed write reported by a library as another exception, or None.
 
@@ -815,7 +819,7 @@ def _storage_error_line(err: BaseException) -> Optional[str]:
     taken from the message (and from chained exceptions).
     """
     while err is not None:
-        if isinstance(err, OSError):
+        if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
             return _os_error_line(err)
         match = re.search(r"os_error_code='?(\d+)", str(err))
         if match:
@@ -825,7 +829,7 @@ def _storage_error_line(err: BaseException) -> Optional[str]:
                 path = path[: path.index("/checkpoints/") + len("/checkpoints")]
             return f"{os.strerror(int(match.group(1)))} while writing {path!r}" if path else os.strerror(
                 int(match.group(1)))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return None
 
 

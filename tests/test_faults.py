@@ -177,6 +177,25 @@ def test_sigterm_while_training_checkpoints_and_says_so(tmp_path):
     assert _events(workdir)[-1] == {"event": "interrupted", "step": steps[0], "signal": "SIGTERM"}
 
 
+@pytest.mark.slow
+def test_sigint_while_train_samples_keeps_the_trained_run(tmp_path):
+    workdir = tmp_path / "w"
+    proc = _spawn(_train_argv(workdir))
+    try:
+        _wait_for_line(proc, "sampling")
+        time.sleep(0.5)
+        before = _snapshot(workdir)
+        code, err, seconds = _signal_and_wait(proc, signal.SIGINT)
+    finally:
+        proc.kill()
+    assert code == 130, err
+    line = _one_line_error(err)
+    assert "interrupted while sampling" in line and "trained checkpoints are kept" in line
+    assert seconds < PROMPT_SECONDS, seconds
+    assert _snapshot(workdir) == {k: v for k, v in before.items() if k != workdir_lib.LOCK_NAME}
+    assert _checkpoint_steps(workdir) == [10, 20] and not (workdir / "samples.npz").exists()
+
+
 def test_a_late_error_under_overwrite_deletes_nothing_and_writes_no_config(run_copy, tmp_path):
     # Three devices do not divide the batch of 64: the old run must survive --overwrite, and a new
     # directory must not get a config.json that would make the corrected command refuse it.
