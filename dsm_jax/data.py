@@ -446,8 +446,8 @@ def load_array(path: PathLike, *, key: Optional[str] = None) -> np.ndarray:
     if head != magic:
         kind = "a .npy file (np.save)" if suffix == ".npy" else "a .npz archive (np.savez)"
         raise ValueError(
-            f"{path!r} is not {kind}: it does not start with the format's signature (a text or other file "
-            f"renamed {suffix}? Load text with np.loadtxt, then save it with np.save)."
+            f"cannot read {path!r}: it is not {kind}, it does not start with the format's signature (a text or "
+            f"other file renamed {suffix}? Load text with np.loadtxt, then save it with np.save)."
         )
     try:
         loaded = np.load(path, allow_pickle=False)

@@ -401,7 +401,7 @@ USER_ERRORS = [
     (["denoise", "--workdir", "{RUN}", "--input", "{T}/noisy.npy", "--sigma", "0.1", "--output", "{T}/dir.npy"],
      "is a directory"),
     (["sample", "--workdir", "{T}/edited", "--num", "16"], "does not match the run's checkpoint"),
-    (["train", "--workdir", "{T}/w", "--dataset", "{T}/text.npy"], "is not a .npy file"),
+    (["train", "--workdir", "{T}/w", "--dataset", "{T}/text.npy"], "it is not a .npy file (np.save)"),
     (["train", "--workdir", "{T}/w", "--dataset", "{T}/dir.npy"], "is a directory, not a .npy/.npz file"),
     (["train", "--workdir", "{T}/w", "--dataset", "{T}/huge.npy"], "overflow float32"),
     (["train", "--workdir", "{T}/w", "--dataset", "{T}/tiny.npy", "--set", "batch_size=4"], "held-out examples of 8"),
