@@ -467,17 +467,16 @@ def _short_repr(value: Any, limit: int = 60) -> str:
 
 def _config_differences(saved: Any, now: Any) -> str:
     """The differing keys of two configs, each with both values (short reprs)."""
-    short = _short_repr
     if not (isinstance(saved, dict) and isinstance(now, dict)):
-        return f"saved {short(saved)}, now {short(now)}"
+        return f"saved {_short_repr(saved)}, now {_short_repr(now)}"
     parts = []
     for key in sorted(saved.keys() | now.keys()):
         if key not in now:
-            parts.append(f"{key}: {short(saved[key])} saved, absent now")
+            parts.append(f"{key}: {_short_repr(saved[key])} saved, absent now")
         elif key not in saved:
-            parts.append(f"{key}: absent from the checkpoint, {short(now[key])} now")
+            parts.append(f"{key}: absent from the checkpoint, {_short_repr(now[key])} now")
         elif saved[key] != now[key]:
-            parts.append(f"{key}: {short(saved[key])} saved, {short(now[key])} now")
+            parts.append(f"{key}: {_short_repr(saved[key])} saved, {_short_repr(now[key])} now")
     return "; ".join(parts)
 
 
