@@ -105,9 +105,11 @@ def fit_to_data(cfg: Config, shape: Sequence[int], user_set=frozenset()) -> tupl
     Fields in ``user_set`` (given on the command line or in a config file)
     are kept. Otherwise images ``[H, W, C]`` get the U-Net and vectors the
     MLP (which flattens any shape), and a chosen U-Net trains one noise level
-    per image (``sigma_sampling="random"``, as the digits preset): "all" and
+    per image (``sigma_sampling="random"``, as the digits preset: "all" and
     "stratified" evaluate the network at every level for every example, so a
-    step costs ``num_sigmas`` times as much. ``chosen`` says, one sentence
+    step costs ``num_sigmas`` times as much) one step per compiled call
+    (``steps_per_call=1``: XLA's CPU convolutions inside a loop of several
+    steps were measured 25x slower per step). ``chosen`` says, one sentence
     each, what was chosen and why, or what a kept setting costs (nothing
     for vectors, where the MLP is the only choice).
     """
@@ -130,7 +132,17 @@ def fit_to_data(cfg: Config, shape: Sequence[int], user_set=frozenset()) -> tupl
             sigma_sampling = "random"
             chosen.append(f"sigma_sampling='random' (one level per image, as the digits preset): {cost} "
                           f"(--set sigma_sampling={cfg.sigma_sampling} to keep it)")
-    return dataclasses.replace(cfg, model=model, sigma_sampling=sigma_sampling), tuple(chosen)
+    steps_per_call = cfg.steps_per_call
+    if model == "unet" and steps_per_call > 1 and "steps_per_call" not in user_set:
+        cost = (f"on a CPU, convolutions inside a compiled loop of {steps_per_call} steps ran 25x slower per step "
+                f"(digits: 0.06 against 1.5 steps/s)")
+        if "model" in user_set:
+            chosen.append(f"note: {cost}; --set steps_per_call=1 there")
+        else:
+            steps_per_call = 1
+            chosen.append(f"steps_per_call=1 (as the digits preset): {cost}; --set steps_per_call=N on a GPU")
+    return (dataclasses.replace(cfg, model=model, sigma_sampling=sigma_sampling, steps_per_call=steps_per_call),
+            tuple(chosen))
 
 
 def build_run(cfg: Config, *, user_set=None) -> Run:
@@ -383,16 +395,19 @@ def _print_metrics(results: dict) -> None:
         parts.append(f"MMD^2 {results['mmd2']:.2e} (two-sample floor {results['mmd2_floor']:.1e}, "
                      f"ratio {ratio:.2f}: {verdict})")
         sw, floor = results["sliced_wasserstein"], results["sliced_wasserstein_data_floor"]
-        parts.append(f"sliced Wasserstein {sw:.4f} ({sw / floor:.1f}x its floor {floor:.4f}, the distance between "
-                     f"two data samples of this size, what a perfect model gives)")
+        times = f"{sw / floor:.1f}x " if floor > 0 else ""
+        parts.append(f"sliced Wasserstein {sw:.4f} ({times}its floor {floor:.4f}, the distance between two data "
+                     f"samples of this size, what a perfect model gives)")
     if "relative_fisher_mean" in results:
         parts.append(f"relative Fisher divergence {results['relative_fisher_mean']:.4f} (mean over the "
                      f"{len(results['relative_fisher'])} levels of E|s_model - s|^2 / E|s|^2 on the noised data: "
                      f"0 is the exact score, 1 as far off as a zero score)")
     if "mode_weights" in results:
-        err = max(abs(a - b) for a, b in zip(results["mode_weights"], results["true_weights"]))
-        parts.append(f"mode weights {' '.join(f'{w:.3f}' for w in results['mode_weights'])} (truth "
-                     f"{' '.join(f'{w:.3f}' for w in results['true_weights'])}; largest error {err:.3f})")
+        got, truth = results["mode_weights"], results["true_weights"]
+        err = max(abs(a - b) for a, b in zip(got, truth))
+        shown = (f"{' '.join(f'{w:.3f}' for w in got)} (truth {' '.join(f'{w:.3f}' for w in truth)}; "
+                 if len(got) <= 8 else f"of {len(got)} modes (")
+        parts.append(f"mode weights {shown}largest error {err:.3f}; each sample counted for its likeliest mode)")
     if results.get("fraction_finite", 1.0) < 1.0:
         parts.append(f"WARNING: only {100 * results['fraction_finite']:.1f}% of samples are finite")
     for p in parts:

@@ -92,27 +92,30 @@ def test_evaluate_with_the_training_settings_says_whether_the_record_changed(run
 
 
 @pytest.mark.parametrize(
-    "shape, user_set, model, sampling, says",
+    "shape, user_set, model, sampling, per_call, says",
     [
-        ((8, 8, 1), set(), "unet", "random", ["'unet' chosen for images", "10x the cost"]),
-        ((8, 8, 1), {"sigma_sampling"}, "unet", "stratified", ["'unet' chosen", "note:", "10x the cost"]),
-        ((8, 8, 1), {"model"}, "mlp", "stratified", []),
-        ((2,), set(), "mlp", "stratified", []),
-        ((8, 8), set(), "mlp", "stratified", ["[N, H, W, C] for the U-Net"]),
+        ((8, 8, 1), set(), "unet", "random", 1, ["'unet' chosen for images", "10x the cost", "steps_per_call=1"]),
+        ((8, 8, 1), {"sigma_sampling"}, "unet", "stratified", 1, ["'unet' chosen", "note:", "10x the cost"]),
+        ((8, 8, 1), {"model"}, "mlp", "stratified", 50, []),
+        ((8, 8, 1), {"steps_per_call"}, "unet", "random", 50, ["'unet' chosen"]),
+        ((2,), set(), "mlp", "stratified", 50, []),
+        ((8, 8), set(), "mlp", "stratified", 50, ["[N, H, W, C] for the U-Net"]),
     ],
 )
-def test_fit_to_data_chooses_by_shape_and_says_why(shape, user_set, model, sampling, says):
+def test_fit_to_data_chooses_by_shape_and_says_why(shape, user_set, model, sampling, per_call, says):
     cfg, chosen = cli.fit_to_data(Config(), shape, frozenset(user_set))
-    assert (cfg.model, cfg.sigma_sampling) == (model, sampling)
+    assert (cfg.model, cfg.sigma_sampling, cfg.steps_per_call) == (model, sampling, per_call)
     text = " ".join(chosen)
     assert all(s in text for s in says), text
     if not says:
         assert chosen == ()
 
 
-def test_an_explicit_unet_with_stratified_levels_gets_the_cost_note():
+def test_an_explicit_unet_keeps_its_settings_with_cost_notes():
     cfg, chosen = cli.fit_to_data(dataclasses.replace(Config(), model="unet"), (8, 8, 1), frozenset({"model"}))
-    assert cfg.sigma_sampling == "stratified" and "note:" in chosen[0] and "10x the cost" in chosen[0]
+    assert (cfg.sigma_sampling, cfg.steps_per_call) == ("stratified", 50)
+    assert len(chosen) == 2 and all(c.startswith("note:") for c in chosen)
+    assert "10x the cost" in chosen[0] and "steps_per_call=1" in chosen[1]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +133,7 @@ def test_train_on_images_picks_the_unet_and_one_level_per_image(images, tmp_path
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "w" / "config.json").read_text())["config"]
-    assert (saved["model"], saved["sigma_sampling"]) == ("unet", "random")
+    assert (saved["model"], saved["sigma_sampling"], saved["steps_per_call"]) == ("unet", "random", 1)
     assert "'unet' chosen for images" in out and "sigma_sampling='random'" in out
     # The saved config.json reproduces the run: the same command resumes it instead of being refused.
     assert cli.main(argv) == 0
