@@ -11,10 +11,23 @@ holding two items:
 
 Writes are atomic: orbax writes into a temporary directory and renames it
 when complete, and temporary directories left by a killed process are
-removed when the manager opens. On restore, a latest checkpoint that cannot
-be read (a damaged file, a missing item) is skipped with a warning and moved
-aside to ``<directory>/corrupt-<s>-<time>`` (kept for inspection, ignored by
-orbax), and the previous one is tried, down to the oldest.
+removed when the manager opens.
+
+Checksums: once orbax has committed a step, process 0 writes
+``<directory>/<s>/dsm_jax_checksums.json`` (atomically), the SHA-256 of
+every other file of the step directory. A restore first verifies it: a
+changed, missing or extra file makes the checkpoint corrupt. The ``meta``
+item records that a manifest is due (``"checksums": true``), so a
+checkpoint whose writer was killed between orbax's commit and the manifest
+is not trusted either. A checkpoint written before checksums existed (no
+such flag, no manifest) is restored unverified. The cost is one read of
+the step's files per save and per restore (see :meth:`Checkpointer.save`).
+
+On restore, a latest checkpoint that cannot be read or verified (a damaged
+file, a missing item, a checksum mismatch) is skipped with a
+:class:`CorruptCheckpointWarning` and moved aside to
+``<directory>/corrupt-<s>-<time>`` (kept for inspection, ignored by orbax),
+and the previous one is tried, down to the oldest.
 
 Example:
     >>> with Checkpointer(workdir + "/checkpoints", keep=3) as ckpt:  # doctest: +SKIP
@@ -24,6 +37,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -36,15 +51,71 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dsm_jax._checks import check_positive_int
+from dsm_jax.runlog import write_atomic
 
-__all__ = ["Checkpointer", "CorruptCheckpointWarning", "load_params"]
+__all__ = ["Checkpointer", "CorruptCheckpointError", "CorruptCheckpointWarning", "load_params"]
 
 _STATE = "state"
 _META = "meta"
+_MANIFEST = "dsm_jax_checksums.json"
+_CHECKSUMS_FLAG = "checksums"  # in the meta item: a manifest was due for this checkpoint
 
 
 class CorruptCheckpointWarning(RuntimeWarning):
     """A checkpoint could not be read and was skipped."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files do not match the checksums written when it was committed."""
+
+
+def _file_digests(step_dir: str) -> dict:
+    """``{relative path: sha256 hex}`` of every file under ``step_dir`` except the manifest."""
+    out = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir).replace(os.sep, "/")
+            if rel == _MANIFEST:
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[rel] = digest.hexdigest()
+    return out
+
+
+def _write_manifest(step_dir: str) -> None:
+    manifest = {"algorithm": "sha256", "files": _file_digests(step_dir)}
+    write_atomic(os.path.join(step_dir, _MANIFEST),
+                 lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
+
+
+def _verify_manifest(step_dir: str, step: int) -> bool:
+    """Checks the files of ``step_dir`` against its manifest; False when there is none.
+
+    Raises:
+        CorruptCheckpointError: a file was changed, removed or added, or the
+            manifest itself is unreadable.
+    """
+    path = os.path.join(step_dir, _MANIFEST)
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path) as f:
+            expected = json.load(f)["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"checksum manifest of step {step} is unreadable ({err}).") from None
+    actual = _file_digests(step_dir)
+    if actual != expected:
+        changed = sorted(k for k in expected.keys() & actual.keys() if expected[k] != actual[k])
+        missing = sorted(expected.keys() - actual.keys())
+        extra = sorted(actual.keys() - expected.keys())
+        parts = [f"{what}: {', '.join(names)}" for what, names in
+                 (("changed", changed), ("missing", missing), ("unexpected", extra)) if names]
+        raise CorruptCheckpointError(f"checksum mismatch in step {step} ({'; '.join(parts)}).")
+    return True
 
 
 def _quiet_orbax() -> None:
@@ -128,9 +199,16 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, *, data_state: Any = None, config: Any = None) -> None:
-        """Writes ``state`` and its metadata as the checkpoint of ``step`` (blocking, atomic)."""
+        """Writes ``state`` and its metadata as the checkpoint of ``step`` (blocking, atomic), then its checksums.
+
+        The checksums cost one read of the step's files by process 0, measured
+        on a loaded 2-core CPU: 3 ms for the default MLP (175k parameters,
+        1.3 MB on disk with the EMA and Adam moments) against 180 ms for the
+        orbax save, 17 ms for 1M parameters (7.4 MB) against 200 ms; verifying
+        on restore, 1.5 and 12 ms.
+        """
         step = check_positive_int("step", step, minimum=0)
-        meta = {"step": step, "data_state": data_state, "config": config}
+        meta = {"step": step, "data_state": data_state, "config": config, _CHECKSUMS_FLAG: True}
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -139,9 +217,20 @@ class Checkpointer:
             force=True,
         )
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            _write_manifest(self._step_dir(step))
 
     def restore(self, step: int, target: Any = None):
-        """Reads the checkpoint of ``step``: ``(state, meta)``; ``state`` has ``target``'s structure if given."""
+        """Reads and verifies the checkpoint of ``step``: ``(state, meta)``.
+
+        ``state`` has ``target``'s structure if given; ``meta`` is
+        ``{"step", "data_state", "config"}``.
+
+        Raises:
+            CorruptCheckpointError: the files do not match their checksums, or
+                the manifest that was due is missing.
+        """
+        verified = _verify_manifest(self._step_dir(step), step)
         restore_state = ocp.args.StandardRestore(_to_host(target) if target is not None else None)
         out = self._manager.restore(
             step, args=ocp.args.Composite(**{_STATE: restore_state, _META: ocp.args.JsonRestore()})
@@ -149,6 +238,10 @@ class Checkpointer:
         meta = out[_META]
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise ValueError(f"checkpoint metadata of step {step} is inconsistent: {meta!r}.")
+        if meta.pop(_CHECKSUMS_FLAG, False) and not verified:
+            raise CorruptCheckpointError(
+                f"checkpoint of step {step} has no checksum manifest (its writer was stopped before writing it)."
+            )
         return _to_host(out[_STATE]), meta
 
     def restore_latest(self, target: Any = None):
@@ -177,8 +270,11 @@ class Checkpointer:
         finally:
             noise_filter.remove(grace_seconds=0.2 if failed else 0.0)
 
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def _move_aside(self, step: int) -> str:
-        src = os.path.join(self.directory, str(step))
+        src = self._step_dir(step)
         dst = os.path.join(self.directory, f"corrupt-{step}-{time.strftime('%Y%m%dT%H%M%S')}")
         if jax.process_index() == 0 and os.path.exists(src):
             os.replace(src, dst)
@@ -194,6 +290,9 @@ def load_params(directory: str | os.PathLike, *, ema: bool = True, step: Optiona
         ema: return the EMA parameters (what evaluation and sampling use)
             rather than the raw ones.
         step: a specific step; default the latest readable one.
+
+    The checkpoint is verified against its checksums; a corrupt latest one
+    is skipped with a :class:`CorruptCheckpointWarning` (and left in place).
 
     Returns:
         The parameter pytree (numpy arrays).

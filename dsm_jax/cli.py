@@ -100,6 +100,7 @@ class Run:
     model: object
     sigmas: np.ndarray
     step_lr: float
+    chosen: tuple = ()  # what build_run chose for the data (fit_to_data), one sentence each
 
     @property
     def resolved(self) -> dict:
@@ -118,13 +119,67 @@ class Run:
         return make_model_fn(self.model, params, scale_by_sigma=self.config.scale_by_sigma)
 
 
-def build_run(cfg: Config) -> Run:
-    """Loads the data, builds the model, resolves sigma_max and the Langevin step."""
+def fit_to_data(cfg: Config, shape: Sequence[int], user_set=frozenset()) -> tuple:
+    """``(config, chosen)``: the model and its sigma sampling chosen by the data's example ``shape``.
+
+    Fields in ``user_set`` (given on the command line or in a config file)
+    are kept. Otherwise images ``[H, W, C]`` get the U-Net and vectors the
+    MLP (which flattens any shape), and a chosen U-Net trains one noise level
+    per image (``sigma_sampling="random"``, as the digits preset: "all" and
+    "stratified" evaluate the network at every level for every example, so a
+    step costs ``num_sigmas`` times as much) one step per compiled call
+    (``steps_per_call=1``: XLA's CPU convolutions inside a loop of several
+    steps were measured 25x slower per step). ``chosen`` says, one sentence
+    each, what was chosen and why, or what a kept setting costs (nothing
+    for vectors, where the MLP is the only choice).
+    """
+    shape = tuple(shape)
+    chosen = []
+    model = cfg.model
+    if "model" not in user_set:
+        model = "unet" if len(shape) == 3 else "mlp"
+        if model == "unet":
+            chosen.append(f"model 'unet' chosen for images [H, W, C] of shape {shape} (--set model=mlp flattens them)")
+        elif len(shape) == 2:
+            chosen.append(f"model 'mlp' chosen for examples of shape {shape}; give images as [N, H, W, C] for the U-Net")
+    sigma_sampling = cfg.sigma_sampling
+    if model == "unet" and sigma_sampling in ("all", "stratified"):
+        cost = (f"sigma_sampling={sigma_sampling!r} evaluates the U-Net at all {cfg.num_sigmas} levels for every "
+                f"image, {cfg.num_sigmas}x the cost of a step with 'random'")
+        if "model" in user_set or "sigma_sampling" in user_set:
+            chosen.append(f"note: {cost}; --set sigma_sampling=random trains one level per image")
+        else:
+            sigma_sampling = "random"
+            chosen.append(f"sigma_sampling='random' (one level per image, as the digits preset): {cost} "
+                          f"(--set sigma_sampling={cfg.sigma_sampling} to keep it)")
+    steps_per_call = cfg.steps_per_call
+    if model == "unet" and steps_per_call > 1 and "steps_per_call" not in user_set:
+        cost = (f"on a CPU, convolutions inside a compiled loop of {steps_per_call} steps ran 25x slower per step "
+                f"(digits: 0.06 against 1.5 steps/s)")
+        if "model" in user_set:
+            chosen.append(f"note: {cost}; --set steps_per_call=1 there")
+        else:
+            steps_per_call = 1
+            chosen.append(f"steps_per_call=1 (as the digits preset): {cost}; --set steps_per_call=N on a GPU")
+    return (dataclasses.replace(cfg, model=model, sigma_sampling=sigma_sampling, steps_per_call=steps_per_call),
+            tuple(chosen))
+
+
+def build_run(cfg: Config, *, user_set=None) -> Run:
+    """Loads the data, builds the model, resolves sigma_max and the Langevin step.
+
+    With ``user_set`` (the fields the user gave), the model and its sigma
+    sampling are first chosen by the data's shape (:func:`fit_to_data`);
+    ``Run.config`` is then the config that was used and ``Run.chosen`` says why.
+    """
     from dsm_jax import data as data_lib
     from dsm_jax import noise
     from dsm_jax.models import NoiseConditionalMLP, UNet
 
     dataset = data_lib.load_dataset(cfg.dataset, num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed)
+    chosen = ()
+    if user_set is not None:
+        cfg, chosen = fit_to_data(cfg, dataset.shape, user_set)
     if dataset.train.shape[0] < cfg.batch_size:
         raise UserError(
             f"batch_size={cfg.batch_size} exceeds the {dataset.train.shape[0]} training examples of "
@@ -135,9 +190,10 @@ def build_run(cfg: Config) -> Run:
             raise UserError(f"model='unet' needs images [N, H, W, C]; {cfg.dataset!r} has examples of shape {dataset.shape}.")
         levels = len(cfg.channel_mults) - 1
         if dataset.shape[0] % 2**levels or dataset.shape[1] % 2**levels:
+            alternative = " or --set model=mlp" if chosen else ""
             raise UserError(
                 f"channel_mults={cfg.channel_mults} downsamples {levels} times; image size {dataset.shape[:2]} "
-                f"must be divisible by {2 ** levels}."
+                f"must be divisible by {2 ** levels}; --set channel_mults=...{alternative}."
             )
         model = UNet(channels=cfg.channels, channel_mults=cfg.channel_mults, embedding=cfg.embedding)
     else:
@@ -153,11 +209,11 @@ def build_run(cfg: Config) -> Run:
         raise UserError("step_lr=None (technique 4) needs num_sigmas >= 2; set step_lr.")
     else:
         step_lr = 2.0 * noise.ncsnv2_step_size(sigmas, cfg.steps_per_sigma)
-    return Run(cfg, dataset, model, sigmas, float(step_lr))
+    return Run(cfg, dataset, model, sigmas, float(step_lr), chosen)
 
 
 def _load_saved_config(workdir: Path) -> Optional[Config]:
-    path = workdir / "config.json"
+    path = Path(workdir) / "config.json"
     if not path.exists():
         return None
     try:
@@ -166,7 +222,8 @@ def _load_saved_config(workdir: Path) -> Optional[Config]:
         raise UserError(f"{path} is not a dsm-jax config ({err}).") from None
 
 
-def _require_run(workdir: Path) -> Config:
+def _require_run(workdir) -> Config:
+    workdir = Path(workdir)
     if not workdir.is_dir():
         raise UserError(f"--workdir {os.fspath(workdir)!r} does not exist; train a model first (dsm-jax train --workdir ...).")
     cfg = _load_saved_config(workdir)
@@ -177,14 +234,14 @@ def _require_run(workdir: Path) -> Config:
     return cfg
 
 
-def load_trained(workdir: Path):
-    """``(run, ema_params)`` of a trained work directory."""
+def load_trained(workdir):
+    """``(run, ema_params)`` of a trained work directory (a ``str`` or ``os.PathLike``)."""
     from dsm_jax.checkpoint import load_params
 
     cfg = _require_run(workdir)
     run = build_run(cfg)
-    params = load_params(workdir / "checkpoints", ema=True)
-    _check_params_match(run, params, workdir)
+    params = load_params(Path(workdir) / "checkpoints", ema=True)
+    _check_params_match(run, params, Path(workdir))
     return run, jax.tree.map(jnp.asarray, params)
 
 
@@ -285,8 +342,12 @@ def evaluate(run: Run, params, samples: np.ndarray, key: jax.Array) -> dict:
     return out
 
 
-def _plot_outputs(run: Run, params, samples: np.ndarray, workdir: Path, stem: str = "samples") -> list:
-    """PNG figures; skipped with a notice when matplotlib is not installed."""
+def _plot_outputs(run: Run, params, samples: np.ndarray, workdir, *, sampler: str, stem: str = "samples") -> list:
+    """PNG figures titled by the ``sampler`` that drew ``samples``; skipped with a notice without matplotlib.
+
+    ``stem="samples"`` (the training run's record) also draws the score field
+    (2-D) and the loss curves.
+    """
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -295,11 +356,12 @@ def _plot_outputs(run: Run, params, samples: np.ndarray, workdir: Path, stem: st
     from dsm_jax import plotting
     from dsm_jax.parameterization import score_from_model
 
+    workdir = Path(workdir)
     written = []
     lo, hi = run.dataset.data_range or (-1.0, 1.0)
     if run.dataset.shape == (2,):
         plotting.plot_samples(samples[np.isfinite(samples).all(axis=1)], run.dataset.test,
-                              titles=("held-out data", f"samples ({run.config.sampler})"), path=workdir / f"{stem}.png")
+                              titles=("held-out data", f"samples ({sampler})"), path=workdir / f"{stem}.png")
         written.append(f"{stem}.png")
         if stem == "samples":
             sigma = float(run.sigmas[-1])
@@ -315,7 +377,7 @@ def _plot_outputs(run: Run, params, samples: np.ndarray, workdir: Path, stem: st
     elif len(run.dataset.shape) == 3:
         num = min(64, samples.shape[0])
         plotting.plot_image_grid(np.clip(samples[:num], lo, hi), data_range=(lo, hi),
-                                 title=f"samples ({run.config.sampler})", path=workdir / f"{stem}.png")
+                                 title=f"samples ({sampler})", path=workdir / f"{stem}.png")
         written.append(f"{stem}.png")
     if stem == "samples" and (workdir / "metrics.jsonl").exists():
         try:
@@ -329,8 +391,13 @@ def _plot_outputs(run: Run, params, samples: np.ndarray, workdir: Path, stem: st
     return written
 
 
-def _sample_and_evaluate(run: Run, params, workdir: Path, *, num: int, sampler: str, seed: int,
-                         samples_name: str = "samples", metrics_name: str = "metrics.json") -> dict:
+def _sample_and_evaluate(run: Run, params, workdir, *, num: int, sampler: str, seed: int,
+                         stem: str = "samples", metrics_name: str = "metrics.json") -> dict:
+    """Samples, evaluates and writes ``<stem>.npz``, ``metrics_name`` and the figures.
+
+    Returns the metrics, with ``"files"``: the names of the files written.
+    """
+    workdir = Path(workdir)
     key = jax.random.fold_in(jax.random.key(seed), 1_000_003)  # sampling stream, disjoint from training steps
     k_sample, k_eval = jax.random.split(key)
     desc = (f"{len(run.sigmas)} levels x {run.config.steps_per_sigma} steps" if sampler == "ald"
@@ -345,23 +412,44 @@ def _sample_and_evaluate(run: Run, params, workdir: Path, *, num: int, sampler: 
                         f"try {hint}.")
     results = evaluate(run, params, samples, k_eval)
     results.update(sampler=sampler, nfe=nfe, sampling_seconds=round(seconds, 3), seed=seed)
+    files = []
     if jax.process_index() == 0:
-        _write_atomic(workdir / f"{samples_name}.npz",
+        _write_atomic(workdir / f"{stem}.npz",
                       lambda p: np.savez(open(p, "wb"), samples=samples, nfe=nfe, sampler=sampler, seed=seed))
         _write_json(workdir / metrics_name, results)
-        results["figures"] = _plot_outputs(run, params, samples, workdir, stem=samples_name)
+        files = [f"{stem}.npz", metrics_name] + _plot_outputs(run, params, samples, workdir, sampler=sampler, stem=stem)
+    results["files"] = files
     return results
 
 
 def _print_metrics(results: dict) -> None:
+    """One line per metric, each with what its value means."""
     parts = []
     if "mmd2" in results:
+        ratio, n = results["mmd2_over_floor"], results["mmd_n"]
+        if ratio < 0:
+            verdict = "at the floor: the unbiased estimate is below zero, the samples cannot be told from the data"
+        elif ratio <= 3:
+            verdict = f"within 3 floors: the samples cannot be told from held-out data at n={n}"
+        else:
+            verdict = (f"{ratio:.0f} times the spread between two data samples of this size: the samples differ "
+                       f"detectably; a fixed error's ratio grows in proportion to n, so compare at equal n")
         parts.append(f"MMD^2 {results['mmd2']:.2e} (two-sample floor {results['mmd2_floor']:.1e}, "
-                     f"ratio {results['mmd2_over_floor']:.2f})")
-        parts.append(f"sliced W {results['sliced_wasserstein']:.4f} (data vs data "
-                     f"{results['sliced_wasserstein_data_floor']:.4f})")
+                     f"ratio {ratio:.2f}: {verdict})")
+        sw, floor = results["sliced_wasserstein"], results["sliced_wasserstein_data_floor"]
+        times = f"{sw / floor:.1f}x " if floor > 0 else ""
+        parts.append(f"sliced Wasserstein {sw:.4f} ({times}its floor {floor:.4f}, the distance between two data "
+                     f"samples of this size, what a perfect model gives)")
     if "relative_fisher_mean" in results:
-        parts.append(f"relative Fisher divergence {results['relative_fisher_mean']:.4f} (mean over sigmas)")
+        parts.append(f"relative Fisher divergence {results['relative_fisher_mean']:.4f} (mean over the "
+                     f"{len(results['relative_fisher'])} levels of E|s_model - s|^2 / E|s|^2 on the noised data: "
+                     f"0 is the exact score, 1 as far off as a zero score)")
+    if "mode_weights" in results:
+        got, truth = results["mode_weights"], results["true_weights"]
+        err = max(abs(a - b) for a, b in zip(got, truth))
+        shown = (f"{' '.join(f'{w:.3f}' for w in got)} (truth {' '.join(f'{w:.3f}' for w in truth)}; "
+                 if len(got) <= 8 else f"of {len(got)} modes (")
+        parts.append(f"mode weights {shown}largest error {err:.3f}; each sample counted for its likeliest mode)")
     if results.get("fraction_finite", 1.0) < 1.0:
         parts.append(f"WARNING: only {100 * results['fraction_finite']:.1f}% of samples are finite")
     for p in parts:
@@ -383,14 +471,41 @@ def _parse_sets(items: Sequence[str]) -> dict:
     return out
 
 
-def resolve_config(args) -> Config:
-    cfg = config_lib.get_preset(args.preset)
+def _config_sources(args) -> tuple:
+    """``(fields of --config, {field: text} of --set and the --dataset/--num-steps/--seed/--sampler flags)``."""
+    path = getattr(args, "config", None)
+    file_fields = config_lib.read_config_file(path) if path else {}
     overrides = _parse_sets(args.set)
     for flag, field in (("dataset", "dataset"), ("num_steps", "num_steps"), ("seed", "seed"), ("sampler", "sampler")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[field] = str(value)
+    return file_fields, overrides
+
+
+def resolve_config(args) -> Config:
+    """The preset, then the fields of ``--config FILE``, then the flags and ``--set`` (the last one wins)."""
+    file_fields, overrides = _config_sources(args)
+    cfg = config_lib.get_preset(args.preset)
+    if file_fields:
+        try:
+            cfg = Config.from_dict({**cfg.to_dict(), **file_fields})
+        except ValueError as err:
+            raise UserError(f"--config {os.fspath(args.config)!r}: {err}") from None
     return config_lib.apply_overrides(cfg, overrides)
+
+
+def _user_set(args) -> frozenset:
+    """The config fields the user gave (in ``--config`` or on the command line), not taken from a preset."""
+    file_fields, overrides = _config_sources(args)
+    return frozenset(file_fields) | frozenset(overrides)
+
+
+def _default_workdir(preset: str, cfg: Config) -> Path:
+    """``runs/<preset>`` for the preset's own dataset, ``runs/<preset>-<dataset name or file stem>`` otherwise."""
+    if cfg.dataset == config_lib.get_preset(preset).dataset:
+        return Path("runs", preset)
+    return Path("runs", f"{preset}-{Path(cfg.dataset).stem}")
 
 
 # ---------------------------------------------------------------------------
@@ -532,29 +647,26 @@ def _check_trainable(run: Run, *, sample: bool) -> None:
 def _training_interrupted(err: BaseException, workdir: Path) -> BaseException:
     """The one-line report of a signal during ``train()``: whether and at which step it checkpointed.
 
-    ``train()`` checkpoints the current step before raising ``KeyboardInterrupt``
-    (SIGINT) or ``SystemExit(143)`` (SIGTERM); a signal before its loop (during
-    the restore or the compilation) arrives as a bare interrupt and saves nothing.
+    ``train()`` checkpoints the current step, then raises ``TrainingInterrupted``
+    (SIGINT) or ``TrainingTerminated`` (SIGTERM, a ``SystemExit(143)``); a signal
+    before its loop (during the restore or the first compilation) arrives as a
+    bare interrupt, and nothing was saved for it.
     """
+    from dsm_jax.train import TrainingInterrupted, TrainingTerminated
+
+    if isinstance(err, (TrainingInterrupted, TrainingTerminated)):
+        signum = signal.SIGINT if isinstance(err, TrainingInterrupted) else signal.SIGTERM
+        return _Interrupted(f"interrupted ({_signal_name(signum)}) at step {err.saved_step}, which was checkpointed; "
+                            "re-run the same command to resume.", signum)
     if isinstance(err, SystemExit):
-        if err.code != 128 + signal.SIGTERM:
-            return err
-        signum, saved = signal.SIGTERM, True
-    else:
-        signum = getattr(err, "signum", signal.SIGINT)
-        saved = getattr(err, "saved", None)
-        if saved is None:
-            saved = "checkpoint saved" in str(err)
-    name = _signal_name(signum)
+        return err
+    signum = getattr(err, "signum", signal.SIGINT)
     steps = _checkpoint_steps(workdir)
-    step = getattr(err, "step", None) or (steps[-1] if steps else None)
-    if saved and step is not None:
-        line = f"interrupted ({name}) at step {step}, which was checkpointed; re-run the same command to resume."
-    elif steps:
-        line = (f"interrupted ({name}) before this session's first checkpoint; the checkpoint of step {steps[-1]} "
-                "is kept; re-run the same command to resume.")
+    if steps:
+        line = (f"interrupted ({_signal_name(signum)}) before this session's first checkpoint; the checkpoint of "
+                f"step {steps[-1]} is kept; re-run the same command to resume.")
     else:
-        line = f"interrupted ({name}) before the first checkpoint; re-run the same command to start again."
+        line = f"interrupted ({_signal_name(signum)}) before the first checkpoint; re-run the same command to start again."
     return _Interrupted(line, signum)
 
 
@@ -569,15 +681,18 @@ def cmd_train(args) -> int:
     from dsm_jax.models import init_params
     from dsm_jax.train import make_dsm_loss_fn, make_optimizer, train
 
+    if args.list_keys:
+        return _list_keys()
     cfg = resolve_config(args)
-    workdir = Path(args.workdir or f"runs/{args.preset}")
+    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.preset, cfg)
     with ExitStack() as stack:
         # An existing directory is locked before it is inspected, so that it cannot change between the
         # checks and the writes; a new one is only created once every check has passed.
         lock = _lock_workdir(stack, workdir, "train") if workdir.is_dir() else None
-        _plan_workdir(workdir, cfg, args.overwrite)
         _check_config(cfg)
-        run = build_run(cfg)
+        run = build_run(cfg, user_set=_user_set(args))
+        cfg = run.config
+        _plan_workdir(workdir, cfg, args.overwrite)
         _check_trainable(run, sample=not args.no_sample)
         params = init_params(run.model, jax.random.key(cfg.seed), jnp.asarray(run.dataset.train[:1]))
         n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -601,6 +716,8 @@ def cmd_train(args) -> int:
              f"{run.dataset.description or cfg.dataset}; {cfg.model} ({n_params:,} parameters); "
              f"{len(run.sigmas)} sigmas {run.sigmas[0]:.3g} -> {run.sigmas[-1]:.3g}; {cfg.num_steps} steps of "
              f"batch {cfg.batch_size} on {jax.local_device_count()} {jax.default_backend()} device(s)")
+        for sentence in run.chosen:
+            _say(f"  {sentence}")
         t0 = time.perf_counter()
         try:
             state = train(
@@ -611,6 +728,12 @@ def cmd_train(args) -> int:
             )
         except (KeyboardInterrupt, SystemExit) as err:
             raise _training_interrupted(err, workdir) from None
+        except ValueError as err:
+            # The checkpoint was saved with another training config than config.json's (a hand edit,
+            # or a directory replaced under a live run): the user's to sort out, not a bug.
+            if str(err).startswith("config differs from the one saved with the checkpoint"):
+                raise UserError(str(err)) from None
+            raise
         _say(f"trained to step {int(state.step)} in {time.perf_counter() - t0:.1f} s")
         if args.no_sample:
             return 0
@@ -622,42 +745,62 @@ def cmd_train(args) -> int:
             message=_sampling_interrupted_line("train", workdir), cleanups=_interrupt_cleanups(workdir, lock),
         )
     _print_metrics(results)
-    _say(f"wrote {workdir}/: checkpoints/, config.json, metrics.jsonl, samples.npz, metrics.json"
-         + "".join(f", {f}" for f in results.get("figures", [])))
+    _say(f"wrote {workdir}/: checkpoints/, config.json, metrics.jsonl, {', '.join(results['files'])}")
     return 0
 
 
-def _sample_command(args, *, save_as_run_metrics: bool) -> int:
-    """``sample`` (new files named after sampler, size and seed) and ``evaluate`` (metrics.json)."""
+def _sample_command(args, *, evaluate_run: bool) -> int:
+    """``sample`` and ``evaluate``: files named after what drew them, the training run's record kept.
+
+    * ``sample``: ``samples_<sampler>_n<num>_seed<seed>.npz``, ``..._metrics.json`` and ``.png``.
+    * ``evaluate`` with the training run's sampler, size and seed: recomputes
+      ``metrics.json``, ``samples.npz`` and the figures, and says whether the
+      metrics changed; with any other: ``eval_<sampler>_n<num>_seed<seed>.json``,
+      ``.npz`` and ``.png``, leaving the training run's files alone.
+    """
     workdir = Path(args.workdir)
     with ExitStack() as stack:
         # sample and evaluate write into the run directory: one writer at a time.
         lock = _lock_workdir(stack, workdir, args.command) if workdir.is_dir() else None
         run, params = load_trained(workdir)
-        sampler = args.sampler or run.config.sampler
-        num = run.config.num_samples if args.num is None else args.num
-        seed = run.config.seed if args.seed is None else args.seed
-        names = {} if save_as_run_metrics else {
-            "samples_name": f"samples_{sampler}_n{num}_seed{seed}",
-            "metrics_name": f"samples_{sampler}_n{num}_seed{seed}_metrics.json",
-        }
+        cfg = run.config
+        sampler = args.sampler or cfg.sampler
+        num = cfg.num_samples if args.num is None else args.num
+        seed = cfg.seed if args.seed is None else args.seed
+        tag = f"{sampler}_n{num}_seed{seed}"
+        previous = None
+        if not evaluate_run:
+            names = {"stem": f"samples_{tag}", "metrics_name": f"samples_{tag}_metrics.json"}
+        elif (sampler, num, seed) != (cfg.sampler, cfg.num_samples, cfg.seed):
+            names = {"stem": f"eval_{tag}", "metrics_name": f"eval_{tag}.json"}
+            _say(f"{sampler}, {num} samples, seed {seed} differ from the training run's {cfg.sampler}, "
+                 f"{cfg.num_samples} samples, seed {cfg.seed}: its metrics.json and samples are kept")
+        else:
+            names = {}
+            if (workdir / "metrics.json").exists():
+                previous = json.loads((workdir / "metrics.json").read_text())
         args.phase = _SAMPLING
         results = call_interruptibly(
             lambda: _sample_and_evaluate(run, params, workdir, num=num, sampler=sampler, seed=seed, **names),
             message=_sampling_interrupted_line(args.command, workdir), cleanups=_interrupt_cleanups(workdir, lock),
         )
     _print_metrics(results)
-    written = "metrics.json" if save_as_run_metrics else names["samples_name"] + ".npz"
-    _say(f"wrote {workdir / written} ({results['nfe']} model evaluations per sample)")
+    if previous is not None:
+        changed = [k for k in sorted(set(previous) | set(results))
+                   if k not in ("sampling_seconds", "files") and previous.get(k) != results.get(k)]
+        _say("  metrics.json: the same values as before (same sampler, size and seed as training)" if not changed
+             else f"  metrics.json: recomputed with the training run's sampler, size and seed; changed: "
+             + ", ".join(f"{k} {previous.get(k)!r} -> {results.get(k)!r}" for k in changed[:6]))
+    _say(f"wrote {workdir}/: {', '.join(results['files'])} ({results['nfe']} model evaluations per sample)")
     return 0
 
 
 def cmd_sample(args) -> int:
-    return _sample_command(args, save_as_run_metrics=False)
+    return _sample_command(args, evaluate_run=False)
 
 
 def cmd_evaluate(args) -> int:
-    return _sample_command(args, save_as_run_metrics=True)
+    return _sample_command(args, evaluate_run=True)
 
 
 def cmd_denoise(args) -> int:
@@ -749,24 +892,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train (or resume) a score model, then sample and evaluate",
                        description="Train a noise-conditional score model with multi-scale DSM, then sample, "
-                       "evaluate and plot. Re-running on the same --workdir resumes.")
+                       "evaluate and plot. Re-running on the same --workdir resumes. Every config field can be "
+                       "set with --set key=value or a --config file; --list-keys lists them. Unless set, the "
+                       "model is chosen by the data's shape: images [N, H, W, C] get the U-Net, vectors the MLP.")
     t.add_argument("--preset", default="default", help=f"named config: {presets} (default: default)")
     t.add_argument("--dataset", help="a built-in dataset or a path to a .npy/.npz array [N, ...]")
-    t.add_argument("--workdir", help="run directory (default: runs/<preset>)")
+    t.add_argument("--workdir", help="run directory (default: runs/<preset> for the preset's dataset, "
+                   "runs/<preset>-<dataset> for another)")
     t.add_argument("--num-steps", type=_non_negative_int, dest="num_steps", help="training steps")
     t.add_argument("--seed", type=_non_negative_int, help="run seed")
     t.add_argument("--sampler", choices=config_lib.SAMPLERS, help="sampler for the final samples")
+    t.add_argument("--config", metavar="FILE",
+                   help="JSON config fields, applied after --preset and before --set: a run's config.json "
+                   "(reproduces it) or {\"key\": value, ...}")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="override a config field (repeatable), e.g. --set learning_rate=3e-4")
+                   help="override a config field (repeatable), e.g. --set learning_rate=3e-4; --list-keys lists them")
     t.add_argument("--overwrite", action="store_true",
                    help="if the run in --workdir has another training config, delete its files (only those "
                    "a run writes; refused if the directory holds others); with the same config, resume")
     t.add_argument("--no-sample", action="store_true", dest="no_sample", help="train only")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--list", action="store_true", help="list presets and datasets, then exit")
+    t.add_argument("--list-keys", action="store_true", dest="list_keys",
+                   help="list every config key with its type, default and meaning, then exit")
 
-    for name, help_ in (("sample", "draw samples from a trained run"),
-                        ("evaluate", "sample and recompute metrics.json of a trained run")):
+    for name, help_ in (("sample", "draw samples from a trained run into samples_<sampler>_n<num>_seed<seed>.*"),
+                        ("evaluate", "sample and evaluate a trained run: with its own sampler, --num and --seed "
+                         "recompute metrics.json, with others write eval_<sampler>_n<num>_seed<seed>.*")):
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--workdir", required=True)
         p.add_argument("--num", type=_positive_int, help="number of samples (default: the run's num_samples)")
@@ -792,7 +944,16 @@ def _list() -> int:
     print("datasets:")
     for name, desc in DATASETS.items():
         print(f"  {name:14s} {desc}")
-    print("  PATH.npy/.npz  your own float array [N, ...]")
+    print("  PATH.npy/.npz  your own float array: vectors [N, d] (MLP) or images [N, H, W, C] in [-1, 1] (U-Net)")
+    print("config keys: dsm-jax train --list-keys")
+    return 0
+
+
+def _list_keys() -> int:
+    print("config keys (--set key=value, or a --config JSON file); name, type, default, meaning:")
+    for name, type_name, default, meaning in config_lib.describe_fields():
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        print(f"  {name:17s} {type_name:14s} {shown:16s} {meaning}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from typing import Any, Optional, Tuple
 
@@ -19,6 +20,11 @@ from dsm_jax.parameterization import PARAMETERIZATIONS
 MODELS = ("mlp", "unet")
 SAMPLERS = ("ald", "em", "pc", "ode")
 WEIGHTINGS = ("sigma2", "one", "inv_sigma2")
+
+
+def _field(default, help: str):
+    """A config field with its one-line meaning (``dsm-jax train --list-keys`` prints it)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,46 +49,66 @@ class Config:
     """
 
     # data
-    dataset: str = "eight_gaussians"
-    num_train: Optional[int] = None
-    num_test: Optional[int] = None
+    dataset: str = _field(
+        "eight_gaussians", "a built-in dataset (dsm-jax train --list) or a path to a .npy/.npz float array [N, ...]"
+    )
+    num_train: Optional[int] = _field(
+        None, "training examples (None: 10000 toy draws, all the rest of an array or of the digits)"
+    )
+    num_test: Optional[int] = _field(
+        None, "held-out examples for the metrics (None: 2000 toy draws, 297 digits, 10% of an array)"
+    )
     # model
-    model: str = "mlp"
-    width: int = 128
-    depth: int = 3
-    channels: int = 32
-    channel_mults: Tuple[int, ...] = (1, 2)
-    embedding: str = "fourier"
-    fourier_scale: float = 1.0
-    parameterization: str = "score"
-    scale_by_sigma: bool = False
+    model: str = _field(
+        "mlp", "mlp (vectors; images are flattened) or unet (images [H, W, C]); chosen by the data's shape unless set"
+    )
+    width: int = _field(128, "MLP hidden width")
+    depth: int = _field(3, "MLP hidden layers")
+    channels: int = _field(32, "U-Net base channel count")
+    channel_mults: Tuple[int, ...] = _field(
+        (1, 2), "U-Net channel multiplier per resolution (e.g. 1,2: one downsampling)"
+    )
+    embedding: str = _field("fourier", "sigma embedding: fourier (random Fourier features of log sigma) or sinusoidal")
+    fourier_scale: float = _field(
+        1.0, "frequency scale of the Fourier features of log sigma (1 suits stratified sigmas)"
+    )
+    parameterization: str = _field("score", "what the network outputs: score, eps, x0 or energy")
+    scale_by_sigma: bool = _field(False, "divide the network output by sigma (NCSNv2 technique 3)")
     # noise levels and loss
-    sigma_max: Optional[float] = None
-    sigma_min: float = 0.01
-    num_sigmas: int = 10
-    weighting: str = "sigma2"
-    sigma_sampling: str = "stratified"
+    sigma_max: Optional[float] = _field(
+        None, "largest noise level (None: the largest pairwise distance of the training set, NCSNv2)"
+    )
+    sigma_min: float = _field(0.01, "smallest noise level")
+    num_sigmas: int = _field(10, "number of geometric noise levels from sigma_max down to sigma_min")
+    weighting: str = _field("sigma2", "loss weight lambda(sigma) per level: sigma2, one or inv_sigma2")
+    sigma_sampling: str = _field(
+        "stratified", "levels per example: all, random (one level, 1/L of the cost), log_uniform or stratified"
+    )
     # optimisation
-    batch_size: int = 256
-    num_steps: int = 4000
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    grad_clip_norm: Optional[float] = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
-    steps_per_call: int = 50
-    save_every: int = 1000
-    keep: int = 3
-    log_every: int = 100
+    batch_size: int = _field(256, "global batch size (divisible by the device count)")
+    num_steps: int = _field(4000, "training steps (a larger value extends a finished run)")
+    learning_rate: float = _field(1e-3, "Adam learning rate after the warmup")
+    warmup_steps: int = _field(100, "linear learning-rate warmup steps")
+    grad_clip_norm: Optional[float] = _field(1.0, "clip the global gradient norm to this (None: no clipping)")
+    ema_decay: float = _field(0.999, "decay of the exponential moving average of the parameters used for sampling")
+    seed: int = _field(0, "seed of the data draws, initialisation, batches, training noise and sampling")
+    steps_per_call: int = _field(50, "training steps per compiled call (lax.scan); 1 for convolutions on a CPU")
+    save_every: int = _field(1000, "checkpoint every this many steps")
+    keep: int = _field(3, "checkpoints kept")
+    log_every: int = _field(100, "write a metrics.jsonl line every this many steps")
     # sampling and evaluation
-    sampler: str = "ald"
-    num_samples: int = 2000
-    steps_per_sigma: int = 100
-    step_lr: Optional[float] = 2e-5
-    sde_steps: int = 500
-    snr: float = 0.16
-    final_denoise: bool = True
-    fisher_samples: int = 2000
+    sampler: str = _field(
+        "ald", "sampler after training: ald (annealed Langevin), em (reverse SDE), pc (predictor-corrector), ode"
+    )
+    num_samples: int = _field(2000, "samples drawn after training and by sample/evaluate")
+    steps_per_sigma: int = _field(100, "annealed Langevin steps per noise level")
+    step_lr: Optional[float] = _field(2e-5, "annealed Langevin step scale (None: NCSNv2 technique 4)")
+    sde_steps: int = _field(500, "time steps of the em and pc samplers")
+    snr: float = _field(0.16, "signal-to-noise ratio of the pc sampler's Langevin corrector")
+    final_denoise: bool = _field(True, "end sampling with one Tweedie denoising step at the smallest sigma")
+    fisher_samples: int = _field(
+        2000, "points per level for the relative Fisher divergence (when the exact score is known)"
+    )
 
     def __post_init__(self):
         for name in ("num_sigmas", "batch_size", "steps_per_call", "save_every", "keep", "log_every",
@@ -120,6 +146,8 @@ class Config:
             raise ValueError(f"unknown config keys {unknown}.")
         d = dict(d)
         if "channel_mults" in d:
+            if not isinstance(d["channel_mults"], (list, tuple)):
+                raise ValueError(f"channel_mults must be a list of positive integers, got {d['channel_mults']!r}.")
             d["channel_mults"] = tuple(d["channel_mults"])
         return cls(**d)
 
@@ -195,6 +223,48 @@ def apply_overrides(config: Config, overrides: dict) -> Config:
     return dataclasses.replace(config, **parsed)
 
 
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        return _type_name(next(a for a in args if a is not type(None))) + " or None"
+    if typing.get_origin(hint) is tuple:
+        return "ints, e.g. 1,2"
+    return hint.__name__
+
+
+def describe_fields() -> list:
+    """``[(name, type, default, meaning)]`` of every :class:`Config` field, in declaration order."""
+    hints = typing.get_type_hints(Config)
+    return [(f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", ""))
+            for f in dataclasses.fields(Config)]
+
+
+def read_config_file(path) -> dict:
+    """The fields in a JSON config file: a saved ``config.json`` (``{"config": {...}, "resolved": ...}``)
+    or a bare ``{field: value}`` object.
+
+    Raises:
+        ValueError: the file is missing, not JSON, not an object, or names
+            unknown fields (all of them are listed).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--config {path!r} does not exist.") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--config {path!r} is not a JSON file ({err}).") from None
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        obj = obj["config"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"--config {path!r} must hold a JSON object of config fields, got {type(obj).__name__}.")
+    unknown = sorted(set(obj) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"--config {path!r}: unknown config keys {unknown}; dsm-jax train --list-keys lists them.")
+    return obj
+
+
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
@@ -222,4 +292,5 @@ def dumps(config: Config, resolved: dict) -> str:
     return json.dumps({"config": config.to_dict(), "resolved": resolved}, indent=2, sort_keys=True) + "\n"
 
 
-__all__ = ["Config", "PRESETS", "MODELS", "SAMPLERS", "apply_overrides", "get_preset", "training_differences"]
+__all__ = ["Config", "PRESETS", "MODELS", "SAMPLERS", "apply_overrides", "describe_fields", "get_preset",
+           "read_config_file", "training_differences"]

@@ -15,7 +15,8 @@ The pieces, from the inside out:
   ``[devices, per_device, ...]``, optionally scans ``k`` steps per device
   call, keeps an EMA of the parameters, logs JSON lines and a tqdm bar,
   checkpoints with orbax (:mod:`dsm_jax.checkpoint`), resumes exactly,
-  stops on non-finite values and saves on SIGTERM/SIGINT.
+  stops on non-finite values and saves on SIGTERM/SIGINT
+  (:class:`TrainingInterrupted`, :class:`TrainingTerminated`).
 
 Randomness is a pure function of ``(seed, step)``: the key of step ``s`` is
 ``fold_in(key(seed), s)`` and, by default, example ``j`` of the global batch
@@ -59,15 +60,19 @@ from dsm_jax.losses import SIGMA_SAMPLING, multiscale_dsm_loss
 from dsm_jax.models.apply import make_model_fn
 from dsm_jax.noise import Weighting, get_weighting
 from dsm_jax.parameterization import check_parameterization
+from dsm_jax.runlog import read_metrics, repair_metrics
 
 __all__ = [
     "DataSource",
     "NonFiniteError",
     "TrainState",
+    "TrainingInterrupted",
+    "TrainingTerminated",
     "create_train_state",
     "make_dsm_loss_fn",
     "make_optimizer",
     "make_train_step",
+    "read_metrics",
     "train",
 ]
 
@@ -80,6 +85,40 @@ LossFn = Callable[[Any, Any, jax.Array], Any]
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient norm during training."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) stopped :func:`train` after the checkpoint of ``saved_step`` was written.
+
+    Raised only once that checkpoint is committed, so re-running the same
+    call resumes from it. Any other ``KeyboardInterrupt`` (e.g. a Ctrl-C
+    before the training loop started, or with ``handle_signals=False``)
+    means that no checkpoint was written for the interruption.
+
+    Attributes:
+        saved_step: the step reached and checkpointed.
+        checkpoint_dir: the directory holding that checkpoint.
+        message: ``"interrupted at step <saved_step>; checkpoint saved"``.
+    """
+
+    def __init__(self, saved_step: int, checkpoint_dir: str):
+        self.saved_step, self.checkpoint_dir = saved_step, checkpoint_dir
+        self.message = f"interrupted at step {saved_step}; checkpoint saved"
+        super().__init__(self.message)
+
+
+class TrainingTerminated(SystemExit):
+    """SIGTERM (a preemption) stopped :func:`train` after the checkpoint of ``saved_step`` was written.
+
+    A ``SystemExit`` with code 143 (128 + SIGTERM), so an uncaught one ends
+    the process with the conventional status; the attributes are those of
+    :class:`TrainingInterrupted`.
+    """
+
+    def __init__(self, saved_step: int, checkpoint_dir: str):
+        self.saved_step, self.checkpoint_dir = saved_step, checkpoint_dir
+        self.message = f"terminated at step {saved_step}; checkpoint saved"
+        super().__init__(128 + signal.SIGTERM)
 
 
 @flax.struct.dataclass
@@ -421,6 +460,38 @@ def _unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda a: np.asarray(a[0]), tree)
 
 
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _config_differences(saved: Any, now: Any) -> str:
+    """The differing keys of two configs, each with both values (short reprs)."""
+    if not (isinstance(saved, dict) and isinstance(now, dict)):
+        return f"saved {_short_repr(saved)}, now {_short_repr(now)}"
+    parts = []
+    for key in sorted(saved.keys() | now.keys()):
+        if key not in now:
+            parts.append(f"{key}: {_short_repr(saved[key])} saved, absent now")
+        elif key not in saved:
+            parts.append(f"{key}: absent from the checkpoint, {_short_repr(now[key])} now")
+        elif saved[key] != now[key]:
+            parts.append(f"{key}: {_short_repr(saved[key])} saved, {_short_repr(now[key])} now")
+    return "; ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _progress_line(step: int, num_steps: int, loss: Optional[float], rate: float) -> str:
+    """``step 200/3000  loss 0.4123  25.1 steps/s  ETA 0:01:51`` (the rate of the last log interval)."""
+    loss_text = f"{loss:.4g}" if loss is not None else "nan"
+    return (f"step {step}/{num_steps}  loss {loss_text}  {rate:.1f} steps/s  "
+            f"ETA {_duration((num_steps - step) / max(rate, 1e-9))}")
+
+
 def train(
     loss_fn: LossFn,
     params: Any,
@@ -454,7 +525,9 @@ def train(
     calls end at multiples of ``steps_per_call`` and ``save_every`` and at
     ``num_steps``. Checkpoints are written every ``save_every`` steps and at
     the end; on SIGTERM or SIGINT the current step is saved, then SIGTERM
-    exits with ``SystemExit(143)`` and SIGINT raises ``KeyboardInterrupt``.
+    raises :class:`TrainingTerminated` (a ``SystemExit(143)``) and SIGINT
+    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``), both carrying
+    the ``saved_step``.
     A non-finite loss or gradient norm raises :class:`NonFiniteError`
     naming the step and the metric; no checkpoint is written after the last
     finite step.
@@ -464,7 +537,16 @@ def train(
     "per_sigma_loss", ..., "steps_per_sec", "elapsed_sec"}`` (means over
     the steps since the previous line, every ``log_every`` steps) or an
     event ``{"event": "start" | "resume" | "save" | "interrupted" |
-    "nonfinite" | "done", "step", ...}``.
+    "nonfinite" | "done", "step", ...}``. Before appending, a partial last
+    line (a kill mid-write) and the step records of the steps after the
+    resumed checkpoint (they are replayed) are dropped, so the file holds
+    one step record per step; read it with :func:`dsm_jax.runlog.read_metrics`.
+
+    Progress: a tqdm bar on stderr when it is a terminal; when there is no
+    bar, or stdout is not a terminal (nohup, Slurm, ``| tee``), a line
+    ``step s/num_steps  loss l  r steps/s  ETA h:mm:ss`` on stdout every
+    ``log_every`` steps. Both come from process 0 only and neither with
+    ``quiet=True``.
 
     Args:
         loss_fn: ``loss_fn(params, batch, key) -> loss`` or ``(loss, aux)``
@@ -486,8 +568,9 @@ def train(
         keep: checkpoints kept.
         log_every: metrics period in steps (rounded up to call boundaries).
         config: JSON-serialisable run configuration, saved with every
-            checkpoint (a warning if a resumed run's differs).
-        quiet: no progress bar (it is also off when stderr is not a terminal).
+            checkpoint; resuming from a checkpoint saved with a different
+            one is a ValueError (a checkpoint saved without one is accepted).
+        quiet: no progress bar or progress lines.
         devices: devices to pmap over; default ``jax.local_devices()``.
         per_example_keys: see :func:`make_train_step`.
         handle_signals: install the SIGTERM/SIGINT handlers (main thread only).
@@ -499,6 +582,12 @@ def train(
 
     Returns:
         The final :class:`TrainState` (numpy arrays on the host).
+
+    Raises:
+        ValueError: bad arguments, or ``config`` differs from the resumed
+            checkpoint's (the message names the differing keys).
+        NonFiniteError: a non-finite loss or gradient norm.
+        TrainingInterrupted, TrainingTerminated: SIGINT, SIGTERM (see above).
 
     Example:
         >>> loss_fn = make_dsm_loss_fn(NoiseConditionalMLP(), geometric_sigmas(3.0, 0.05, 10))  # doctest: +SKIP
@@ -556,18 +645,21 @@ def train(
         restored = ckpt.restore_latest(target=initial)
         if restored is None:
             host_state, step = initial, 0
+            if is_main:
+                repair_metrics(log_path, resume_step=0)
             log({"event": "start", "step": 0, "num_devices": len(devices)})
         else:
             host_state, meta = restored
             step = int(host_state.step)
-            batches.restore(meta["data_state"])
             if config is not None and meta.get("config") not in (None, config):
-                warnings.warn(
-                    f"resuming from step {step} of a run whose config differs: saved {meta['config']!r}, "
-                    f"now {config!r}.",
-                    RuntimeWarning,
-                    stacklevel=2,
+                raise ValueError(
+                    f"config differs from the one saved with the checkpoint of step {step} in {ckpt.directory} "
+                    f"({_config_differences(meta['config'], config)}); resuming would mix two runs: pass the "
+                    "saved config or use another workdir."
                 )
+            batches.restore(meta["data_state"])
+            if is_main:
+                repair_metrics(log_path, resume_step=step)
             log({"event": "resume", "step": step, "num_devices": len(devices)})
 
         def save(state_host, at_step):
@@ -586,6 +678,7 @@ def train(
         last_log = (step, time.perf_counter())
         start_time = time.perf_counter()
         show_bar = is_main and not quiet and sys.stderr.isatty()
+        show_lines = is_main and not quiet and not (show_bar and sys.stdout.isatty())
         with _SignalFlag(handle_signals) as flag, tqdm(
             total=num_steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step"
         ) as bar:
@@ -616,6 +709,9 @@ def train(
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4g}" if record["loss"] is not None else "nan",
                                     steps_per_sec=f"{rate:.1f}")
+                    if show_lines:
+                        tqdm.write(_progress_line(step, num_steps, record["loss"], rate), file=sys.stdout)
+                        sys.stdout.flush()
                     history, last_log = [], (step, now)
 
                 if step % save_every == 0 or step == num_steps or flag.signum is not None:
@@ -624,7 +720,7 @@ def train(
                 if flag.signum is not None:
                     log({"event": "interrupted", "step": step, "signal": signal.Signals(flag.signum).name})
                     if flag.signum == signal.SIGINT:
-                        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved.")
-                    raise SystemExit(128 + flag.signum)
+                        raise TrainingInterrupted(step, ckpt.directory)
+                    raise TrainingTerminated(step, ckpt.directory)
         log({"event": "done", "step": step, "elapsed_sec": time.perf_counter() - start_time})
         return host_state

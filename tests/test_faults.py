@@ -284,12 +284,10 @@ def _raiser(exc):
     return fn
 
 
-def _saves_then_raises(exc):
-    def fn(*args, workdir, **kwargs):  # what train() does on SIGTERM: checkpoint the step, then exit 143
-        (Path(workdir) / "checkpoints" / "20").mkdir(parents=True)
-        raise exc
+def _terminated_at_step_20(*args, workdir, **kwargs):
+    from dsm_jax.train import TrainingTerminated
 
-    return fn
+    raise TrainingTerminated(20, os.path.join(workdir, "checkpoints"))  # what train() raises once it saved
 
 
 @pytest.mark.parametrize(
@@ -297,7 +295,7 @@ def _saves_then_raises(exc):
     [
         ("dsm_jax.cli.build_run", _raiser(KeyboardInterrupt()), 130, "interrupted (SIGINT) before anything was changed"),
         ("dsm_jax.train.train", _raiser(KeyboardInterrupt()), 130, "interrupted (SIGINT) before the first checkpoint"),
-        ("dsm_jax.train.train", _saves_then_raises(SystemExit(143)), 143,
+        ("dsm_jax.train.train", _terminated_at_step_20, 143,
          "interrupted (SIGTERM) at step 20, which was checkpointed"),
     ],
 )
@@ -473,7 +471,8 @@ def test_the_lock_names_a_live_holder_and_a_dead_one_does_not_block(tmp_path):
 
 def test_clear_run_files_deletes_only_what_a_run_writes(tmp_path, monkeypatch):
     run_names = ["checkpoints", "config.json", "metrics.jsonl", "metrics.json", "samples.npz", "samples.png",
-                 "samples_em_n32_seed0.npz", "samples_em_n32_seed0_metrics.json", "score_field.png", "losses.png",
+                 "samples_em_n32_seed0.npz", "samples_em_n32_seed0_metrics.json", "eval_ode_n32_seed0.json",
+                 "eval_ode_n32_seed0.npz", "score_field.png", "losses.png",
                  ".metrics.json.tmp123.json"]
     for name in run_names:
         (tmp_path / name).mkdir() if name == "checkpoints" else (tmp_path / name).write_text('{"config": {}}')

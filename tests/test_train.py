@@ -9,6 +9,7 @@ are needed.
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,8 +26,11 @@ from dsm_jax.checkpoint import Checkpointer, CorruptCheckpointWarning
 from dsm_jax.distributions import GaussianMixture
 from dsm_jax.models import NoiseConditionalMLP, init_params, make_score_fn
 from dsm_jax.noise import geometric_sigmas
+from dsm_jax.runlog import MetricsLogWarning, read_metrics, repair_metrics
 from dsm_jax.train import (
     NonFiniteError,
+    TrainingInterrupted,
+    TrainingTerminated,
     create_train_state,
     make_dsm_loss_fn,
     make_optimizer,
@@ -38,13 +42,18 @@ GMM = GaussianMixture(jnp.array([0.3, 0.7]), jnp.array([[2.0, 2.0], [-2.0, -1.0]
 TRAIN_KW = dict(ema_decay=0.9, log_every=5, quiet=True)
 
 
-def _toy(*, batch=16, width=16, depth=1, num_levels=4, nan_step=None, sleep=0.0, wrap_loss=None):
-    """(loss_fn, params, batch_at) for a tiny noise-conditional MLP on a 2-D mixture."""
+def _toy(*, batch=16, width=16, depth=1, num_levels=4, nan_step=None, sleep=0.0, wrap_loss=None, signal_at=None):
+    """(loss_fn, params, batch_at) for a tiny noise-conditional MLP on a 2-D mixture.
+
+    ``signal_at=(step, signum)``: fetching the batch of that step sends the signal to this process.
+    """
     data = np.asarray(GMM.sample(jax.random.key(0), 1024))
 
     def batch_at(step):
         if sleep:
             time.sleep(sleep)
+        if signal_at is not None and step == signal_at[0]:
+            os.kill(os.getpid(), signal_at[1])
         x = data[(step * batch + np.arange(batch)) % len(data)]
         if step == nan_step:
             x = x.copy()
@@ -72,6 +81,12 @@ def _run(workdir, num_steps, *, toy=None, **kwargs):
 def _events(workdir, name):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r.get("event") == name]
+
+
+def _raw_step_records(workdir):
+    """The steps of the step records of metrics.jsonl as written (every line must be JSON)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["step"] for r in map(json.loads, f) if "event" not in r]
 
 
 def _tree_digest(directory):
@@ -298,16 +313,66 @@ def test_stateful_data_source_resumes_exactly(tmp_path, uninterrupted):
 
 
 def test_sigkill_mid_training_resumes_and_finishes(tmp_path, uninterrupted):
-    proc = subprocess.Popen(_worker_cmd("train", tmp_path, num_steps=40, sleep=0.05),
+    """Killed after logging steps past its last checkpoint: the replayed steps are logged once, the end is bitwise."""
+    proc = subprocess.Popen(_worker_cmd("train", tmp_path, num_steps=40, sleep=0.08),
                             env=_worker_env(), stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: any(s >= 20 for s in _logged_saves(tmp_path)), proc)
+    # Saves every 10 steps, logs every 5: wait for the log of step 25 before the save of step 30.
+    _wait_for(lambda: any(s >= 20 for s in _logged_saves(tmp_path))
+              and max(_logged_steps(tmp_path)) > max(_logged_saves(tmp_path)), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    logged_before = _logged_steps(tmp_path)
     state = _run(tmp_path, 40)
     resumed_from = _events(tmp_path, "resume")[0]["step"]
-    assert 20 <= resumed_from < 40, resumed_from
+    assert 20 <= resumed_from < max(logged_before) < 40, (resumed_from, logged_before)
     chex.assert_trees_all_equal(state, uninterrupted)
+    expected = list(range(5, 41, 5))
+    assert _raw_step_records(tmp_path) == expected  # replayed records dropped on resume, not duplicated
+    assert [r["step"] for r in read_metrics(os.path.join(tmp_path, "metrics.jsonl"), events=False)] == expected
+
+
+def test_a_partial_last_line_is_dropped_before_resuming(tmp_path):
+    """A kill in the middle of a write leaves half a record; it is not glued to the resumed run's first record."""
+    _run(tmp_path, 20)
+    path = os.path.join(tmp_path, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"step": 25, "loss": 0.29')
+    with pytest.warns(MetricsLogWarning, match="partial last line"):
+        _run(tmp_path, 30)
+    assert _raw_step_records(tmp_path) == [5, 10, 15, 20, 25, 30]
+    assert _events(tmp_path, "resume")[0]["step"] == 20
+
+
+def test_read_metrics_skips_bad_lines_and_keeps_the_latest_record_per_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"event": "start", "step": 0}', '{"step": 5, "loss": 1.0}', '{"step": 10, "loss": 0.9}',
+             '{"step": 12, "loss": 0.8{"event": "resume", "step": 10}', '{"step": 15, "loss": 0.7}',
+             '{"event": "resume", "step": 10}', '{"step": 15, "loss": 0.6}', "[1, 2]", ""]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(MetricsLogWarning, match=r"2 unreadable line\(s\) \(line 4, 8\)"):
+        records = read_metrics(path)
+    assert records == [{"event": "start", "step": 0}, {"step": 5, "loss": 1.0}, {"step": 10, "loss": 0.9},
+                       {"event": "resume", "step": 10}, {"step": 15, "loss": 0.6}]
+    with pytest.warns(MetricsLogWarning):
+        assert [r["loss"] for r in read_metrics(path, events=False)] == [1.0, 0.9, 0.6]
+    with pytest.raises(ValueError, match="path"):
+        read_metrics(tmp_path / "missing.jsonl")
+
+
+def test_repair_metrics_keeps_events_and_unreadable_lines_and_rewrites_only_on_change(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    text = '{"step": 5, "loss": 1.0}\nnot json\n{"event": "save", "step": 10}\n{"step": 10, "loss": 0.9}\n'
+    path.write_text(text)
+    before = os.stat(path).st_mtime_ns, os.stat(path).st_ino
+    assert repair_metrics(path, resume_step=10) == 0
+    assert (os.stat(path).st_mtime_ns, os.stat(path).st_ino) == before
+    assert repair_metrics(path, resume_step=5) == 1
+    assert path.read_text() == '{"step": 5, "loss": 1.0}\nnot json\n{"event": "save", "step": 10}\n'
+    path.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}')  # whole record, newline lost
+    assert repair_metrics(path) == 0
+    assert path.read_text() == '{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n'
+    assert repair_metrics(tmp_path / "missing.jsonl") == 0
 
 
 def test_sigterm_saves_the_current_step(tmp_path):
@@ -323,6 +388,46 @@ def test_sigterm_saves_the_current_step(tmp_path):
         assert ckpt.all_steps() == [stopped]
         _, meta = ckpt.restore(stopped)
     assert meta["data_state"] == {"step": stopped}
+
+
+@pytest.mark.parametrize("signum, kind", [(signal.SIGINT, TrainingInterrupted), (signal.SIGTERM, TrainingTerminated)])
+def test_a_signal_raises_an_exception_naming_the_saved_step(tmp_path, signum, kind):
+    """The signal arrives while step 7's batch is fetched: step 8 (the end of that call) is saved, then raised."""
+    with pytest.raises(kind) as info:
+        _run(tmp_path, 40, toy=_toy(signal_at=(7, signum)))
+    err = info.value
+    assert isinstance(err, KeyboardInterrupt if signum == signal.SIGINT else SystemExit)
+    assert err.saved_step == 8 and err.checkpoint_dir == os.path.join(tmp_path, "checkpoints")
+    assert err.message.endswith("at step 8; checkpoint saved")
+    if signum == signal.SIGTERM:
+        assert err.code == 143
+    with Checkpointer(err.checkpoint_dir) as ckpt:
+        assert ckpt.latest_step() == 8
+    assert _events(tmp_path, "interrupted")[0] == {"event": "interrupted", "step": 8, "signal": signal.Signals(signum).name}
+
+
+def test_resuming_with_a_different_config_is_an_error(tmp_path):
+    _run(tmp_path, 10, config={"lr": 0.003, "width": 16, "seed": 0})
+    before = _tree_digest(tmp_path)
+    with pytest.raises(ValueError, match=r"config differs .* step 10 .*\(lr: 0.003 saved, 0.001 now; seed: 0 saved, "
+                                         r"absent now; width: 16 saved, 32 now\)"):
+        _run(tmp_path, 20, config={"lr": 0.001, "width": 32})
+    assert _tree_digest(tmp_path) == before  # nothing written, not even the log
+    assert int(_run(tmp_path, 20, config={"lr": 0.003, "width": 16, "seed": 0}).step) == 20
+    assert int(_run(tmp_path, 30).step) == 30  # no config given: nothing to compare
+
+
+def test_progress_lines_on_stdout_without_a_terminal(tmp_path, capsys):
+    """Under pytest stderr is no terminal (no bar): one line per log interval, none with quiet=True."""
+    _run(tmp_path / "a", 10, quiet=False)
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["step", "5/10"], ["step", "10/10"]], out
+    for line in lines:
+        assert re.fullmatch(r"step \d+/10  loss [-+.\de]+  [\d.]+ steps/s  ETA \d+:\d\d:\d\d", line), line
+    assert lines[-1].endswith("ETA 0:00:00") and err == ""
+    _run(tmp_path / "b", 10, quiet=True)
+    assert capsys.readouterr() == ("", "")
 
 
 def test_nan_in_data_names_the_step_and_keeps_checkpoints(tmp_path):
