@@ -422,6 +422,19 @@ def test_every_user_mistake_is_one_line_and_exit_2(argv, needle, run, tmp_path, 
     assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
+def test_a_checkpoint_of_another_training_config_is_a_user_error(run_copy, capsys):
+    # config.json edited to agree with the new command: the checkpoint's own config still differs.
+    saved = json.loads((run_copy / "config.json").read_text())
+    saved["config"]["learning_rate"] = 5e-4
+    (run_copy / "config.json").write_text(json.dumps(saved))
+    before = _snapshot(run_copy / "checkpoints")
+    capsys.readouterr()
+    assert cli.main(_train_argv(run_copy, "--no-sample", "--set", "learning_rate=5e-4", steps=30)) == 2
+    line = _one_line_error(capsys.readouterr().err)  # was a traceback once train() made it a ValueError
+    assert "learning_rate" in line and "resuming would mix two runs" in line
+    assert _snapshot(run_copy / "checkpoints") == before
+
+
 def test_samples_that_all_diverged_are_reported_as_such(run_copy, monkeypatch, capsys):
     def diverged(run, params, key, num, sampler):
         return np.full((num,) + run.dataset.shape, np.nan, np.float32), 1
