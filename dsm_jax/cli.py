@@ -1001,7 +1001,7 @@ def _interrupt_line(args, err: KeyboardInterrupt) -> tuple:
     signum = getattr(err, "signum", signal.SIGINT)
     phase = getattr(args, "phase", _CHECKING)
     what = {_CHECKING: "before anything was changed", _PREPARING: "while preparing the work directory; re-run the "
-            "same command", _TRAINING: "after training; re-run the same command to resume or sample",
+            "same command", _TRAINING: "during training; re-run the same command to resume from the last checkpoint",
             _SAMPLING: "while sampling; every file already written is intact"}[phase]
     return f"interrupted ({_signal_name(signum)}) {what}.", 128 + signum
 

@@ -482,6 +482,21 @@ def test_the_lock_names_a_live_holder_and_a_dead_one_does_not_block(tmp_path):
     assert not (tmp_path / workdir_lib.LOCK_NAME).exists()
 
 
+def test_denoise_locks_the_run_only_when_it_writes_there(run_copy, tmp_path, capsys):
+    np.save(tmp_path / "noisy.npy", np.zeros((4, 2), np.float32))
+    argv = ["denoise", "--workdir", str(run_copy), "--input", str(tmp_path / "noisy.npy"), "--sigma", "0.1", "--output"]
+    holder = _hold_lock_in_another_process(run_copy)
+    try:
+        capsys.readouterr()
+        assert cli.main(argv + [str(run_copy / "clean.npy")]) == cli.EXIT_USER_ERROR
+        assert f"in use by pid {holder.pid}" in _one_line_error(capsys.readouterr().err)
+        assert cli.main(argv + [str(tmp_path / "clean.npy")]) == 0  # reading beside a live writer is safe
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "clean.npy").exists() and not (run_copy / "clean.npy").exists()
+
+
 def test_clear_run_files_deletes_only_what_a_run_writes(tmp_path, monkeypatch):
     run_names = ["checkpoints", "config.json", "metrics.jsonl", "metrics.json", "samples.npz", "samples.png",
                  "samples_em_n32_seed0.npz", "samples_em_n32_seed0_metrics.json", "eval_ode_n32_seed0.json",
