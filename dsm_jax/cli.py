@@ -559,6 +559,11 @@ def _checkpoint_steps(workdir: Path) -> list:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def _check_not_a_file(workdir: Path) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {os.fspath(workdir)!r} is a file, not a directory; choose another --workdir.")
+
+
 def _plan_workdir(workdir: Path, cfg: Config, overwrite: bool) -> tuple:
     """What ``train`` would do with ``workdir``, changing nothing: ``(action, note)``.
 
@@ -574,8 +579,7 @@ def _plan_workdir(workdir: Path, cfg: Config, overwrite: bool) -> tuple:
             would have to be cleared while it holds files no run wrote (named).
     """
     where = f"--workdir {os.fspath(workdir)!r}"
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"{where} is a file, not a directory; choose another --workdir.")
+    _check_not_a_file(workdir)
     if not workdir.is_dir() or not [e for e in workdir.iterdir() if e.name != workdir_lib.LOCK_NAME]:
         return "new", None
     foreign = workdir_lib.foreign_entries(workdir)
@@ -689,6 +693,7 @@ def cmd_train(args) -> int:
         # An existing directory is locked before it is inspected, so that it cannot change between the
         # checks and the writes; a new one is only created once every check has passed.
         lock = _lock_workdir(stack, workdir, "train") if workdir.is_dir() else None
+        _check_not_a_file(workdir)
         _check_config(cfg)
         run = build_run(cfg, user_set=_user_set(args))
         cfg = run.config
