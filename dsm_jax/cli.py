@@ -683,7 +683,7 @@ def _sampling_interrupted_line(command: str, workdir: Path) -> str:
 def cmd_train(args) -> int:
     from dsm_jax.data import BatchSource
     from dsm_jax.models import init_params
-    from dsm_jax.train import make_dsm_loss_fn, make_optimizer, train
+    from dsm_jax.train import ConfigMismatchError, make_dsm_loss_fn, make_optimizer, train
 
     if args.list_keys:
         return _list_keys()
@@ -733,12 +733,10 @@ def cmd_train(args) -> int:
             )
         except (KeyboardInterrupt, SystemExit) as err:
             raise _training_interrupted(err, workdir) from None
-        except ValueError as err:
+        except ConfigMismatchError as err:
             # The checkpoint was saved with another training config than config.json's (a hand edit,
             # or a directory replaced under a live run): the user's to sort out, not a bug.
-            if str(err).startswith("config differs from the one saved with the checkpoint"):
-                raise UserError(str(err)) from None
-            raise
+            raise UserError(str(err)) from None
         _say(f"trained to step {int(state.step)} in {time.perf_counter() - t0:.1f} s")
         if args.no_sample:
             return 0

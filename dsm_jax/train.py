@@ -63,6 +63,7 @@ from dsm_jax.parameterization import check_parameterization
 from dsm_jax.runlog import read_metrics, repair_metrics
 
 __all__ = [
+    "ConfigMismatchError",
     "DataSource",
     "NonFiniteError",
     "TrainState",
@@ -85,6 +86,13 @@ LossFn = Callable[[Any, Any, jax.Array], Any]
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient norm during training."""
+
+
+class ConfigMismatchError(ValueError):
+    """The checkpoint being resumed was saved with another training ``config``.
+
+    Resuming would mix two runs; the message names the keys that differ.
+    """
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -652,7 +660,7 @@ def train(
             host_state, meta = restored
             step = int(host_state.step)
             if config is not None and meta.get("config") not in (None, config):
-                raise ValueError(
+                raise ConfigMismatchError(
                     f"config differs from the one saved with the checkpoint of step {step} in {ckpt.directory} "
                     f"({_config_differences(meta['config'], config)}); resuming would mix two runs: pass the "
                     "saved config or use another workdir."
@@ -692,10 +700,12 @@ def train(
                 if bad is not None:
                     bad_step, name, value = bad
                     log({"event": "nonfinite", "step": bad_step, "metric": name, "value": repr(value)})
+                    last = ckpt.latest_step()
+                    kept = ("no checkpoint was written yet" if last is None
+                            else f"the last good checkpoint is step {last} in {ckpt.directory}")
                     raise NonFiniteError(
                         f"non-finite {name} ({value}) at step {bad_step} (the update computed from the batch of "
-                        f"step {bad_step}); stopped before saving, the last good checkpoint is step "
-                        f"{ckpt.latest_step()} in {ckpt.directory}."
+                        f"step {bad_step}); stopped before saving, {kept}."
                     )
                 history.extend({name: v[i] for name, v in metrics.items()} for i in range(n))
                 step += n

@@ -28,6 +28,7 @@ from dsm_jax.models import NoiseConditionalMLP, init_params, make_score_fn
 from dsm_jax.noise import geometric_sigmas
 from dsm_jax.runlog import MetricsLogWarning, read_metrics, repair_metrics
 from dsm_jax.train import (
+    ConfigMismatchError,
     NonFiniteError,
     TrainingInterrupted,
     TrainingTerminated,
@@ -409,7 +410,7 @@ def test_a_signal_raises_an_exception_naming_the_saved_step(tmp_path, signum, ki
 def test_resuming_with_a_different_config_is_an_error(tmp_path):
     _run(tmp_path, 10, config={"lr": 0.003, "width": 16, "seed": 0})
     before = _tree_digest(tmp_path)
-    with pytest.raises(ValueError, match=r"config differs .* step 10 .*\(lr: 0.003 saved, 0.001 now; seed: 0 saved, "
+    with pytest.raises(ConfigMismatchError, match=r"config differs .* step 10 .*\(lr: 0.003 saved, 0.001 now; seed: 0 saved, "
                                          r"absent now; width: 16 saved, 32 now\)"):
         _run(tmp_path, 20, config={"lr": 0.001, "width": 32})
     assert _tree_digest(tmp_path) == before  # nothing written, not even the log
@@ -438,6 +439,12 @@ def test_nan_in_data_names_the_step_and_keeps_checkpoints(tmp_path):
         _run(tmp_path, 20, toy=toy, save_every=5)
     assert _tree_digest(os.path.join(tmp_path, "checkpoints")) == before
     assert _events(tmp_path, "nonfinite")[0]["step"] == 13
+
+
+def test_nan_before_the_first_checkpoint_says_none_was_written(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"at step 3 .*no checkpoint was written yet\.$"):
+        _run(tmp_path, 10, toy=_toy(nan_step=3), save_every=5)
+    assert not os.listdir(os.path.join(tmp_path, "checkpoints"))
 
 
 def test_corrupt_latest_checkpoint_falls_back_and_resumes_exactly(tmp_path):
