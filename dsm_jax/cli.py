@@ -55,6 +55,7 @@ from dsm_jax import config as config_lib
 from dsm_jax import workdir as workdir_lib
 from dsm_jax.config import Config
 from dsm_jax.interrupt import call_interruptibly, raise_on_sigterm
+from dsm_jax.runlog import write_atomic as _write_atomic
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 1
@@ -68,18 +69,6 @@ class UserError(ValueError):
 def _say(*args) -> None:
     if jax.process_index() == 0:
         print(*args, flush=True)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Writes through ``write(tmp_path)`` then renames, so ``path`` is never half-written."""
-    path = Path(path)
-    tmp = workdir_lib.tmp_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_json(path: Path, obj) -> None:

@@ -28,6 +28,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
+from dsm_jax.workdir import tmp_name
+
 __all__ = ["MetricsLogWarning", "read_metrics", "repair_metrics", "write_atomic"]
 
 PathLike = Union[str, os.PathLike]
@@ -44,7 +46,7 @@ def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
     new one, never a mixture; the temporary file is removed on failure.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    tmp = tmp_name(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

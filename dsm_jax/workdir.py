@@ -16,7 +16,7 @@ A work directory ``W`` is the user's data. Three rules keep it so:
   else (naming it, before deleting anything), never removes ``W`` itself,
   and never removes a directory that holds the current working directory.
 * **Writes are atomic.** Files are written to a hidden temporary name next
-  to their destination and renamed (:func:`dsm_jax.cli._write_atomic`);
+  to their destination and renamed (:func:`dsm_jax.runlog.write_atomic`);
   :func:`remove_tmp_files` deletes the temporaries a process interrupted
   mid-write leaves behind.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import dsm_jax  # noqa: F401  (XLA CPU workaround before the first computation)
+from dsm_jax import runlog
 import jax
 import numpy as np
 
@@ -98,9 +99,7 @@ def save_results(args: argparse.Namespace, name: str, results: dict, settings: d
 
 def write_atomic(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and a rename: an earlier file is never half-overwritten."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    runlog.write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def save_figure(fig, args: argparse.Namespace, name: str) -> Path:
