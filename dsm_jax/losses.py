@@ -91,8 +91,8 @@ def explicit_score_matching_loss(
     For a noise-conditional model pass it with its levels,
     ``explicit_score_matching_loss(model_fn, x, sigma=sigma_batch)``, not as
     ``lambda z: model_fn(z, sigma_batch)``: the trace then runs per example,
-    about 1.5x faster for an MLP (the closure takes the whole-batch fallback
-    and warns).
+    13-22% less time for an MLP at d = 64, batch 64 on a CPU (the closure
+    takes the whole-batch fallback and warns).
 
     Args:
         score_fn: ``[B, *D] -> [B, *D]``, examples treated independently; with
