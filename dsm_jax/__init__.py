@@ -50,6 +50,7 @@ from dsm_jax import (  # noqa: E402
     sde,
     tweedie,
 )
+from dsm_jax._checks import debug_checks  # noqa: E402
 from dsm_jax.distributions import Gaussian, GaussianMixture  # noqa: E402
 from dsm_jax.divergence import exact_divergence, hutchinson_divergence  # noqa: E402
 from dsm_jax.likelihood import bits_per_dim, log_likelihood  # noqa: E402
@@ -112,6 +113,7 @@ __all__ = [
     "bits_per_dim",
     "ddim",
     "ddpm",
+    "debug_checks",
     "denoise",
     "denoise_observation",
     "distributions",

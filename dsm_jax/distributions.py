@@ -12,18 +12,34 @@ full ``[d, d]`` or diagonal ``[d]`` covariances, and expose
   the two can be checked against each other),
 * ``posterior_covariance(y, sigma, *, scale=1.0)``: ``Cov[x | y] -> [B, d, d]``.
 
+The constructors check what the user passes, before any tracing: ranks always
+(also for tracers, whose shapes are static), finiteness, positive (definite)
+covariances and valid weights whenever the values are concrete (numpy or jax
+arrays, not tracers), so a constructor called inside ``jit``/``vmap`` still
+traces. Rebuilding by the pytree machinery (``jit``/``vmap`` outputs,
+``jax.tree.map``) bypasses the constructor, so leaves with a batch axis or
+placeholders pass through untouched.
+
 The mixture uses log-sum-exp responsibilities, so its score is finite and
 accurate far from every mode (e.g. at ``|x| = 1e3``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from dsm_jax._checks import check_batched, check_positive_int, check_positive_number, is_concrete
+from dsm_jax._checks import (
+    check_batched,
+    check_finite,
+    check_key,
+    check_positive_int,
+    check_positive_number,
+    is_concrete,
+)
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -115,23 +131,45 @@ def _validate_cov(name: str, cov: jax.Array, d: int, *, leading: tuple = ()) -> 
         if arr.ndim == len(leading) + 1:
             check_positive_number(f"{name} (diagonal variances)", arr)
         else:
+            check_finite(name, arr)
             eig = np.linalg.eigvalsh(0.5 * (arr + np.swapaxes(arr, -1, -2)))
-            if not np.all(np.isfinite(arr)) or not np.all(eig > 0):
+            if not np.all(eig > 0):
                 raise ValueError(
                     f"{name} must be symmetric positive definite; smallest eigenvalue {eig.min():.3g}."
                 )
 
 
-def _is_user_data(value, unbatched_ndim: int) -> bool:
-    """True for values a user passed to a constructor.
+def _float_array(name: str, value, ndim: int, what: str) -> jax.Array:
+    """``value`` as a float array of rank ``ndim`` (any array, list or tracer), finite when concrete."""
+    arr = jnp.asarray(value, dtype=jnp.result_type(float))
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have shape {what}, got shape {arr.shape}.")
+    check_finite(name, arr)
+    return arr
 
-    Pytree machinery also rebuilds these classes, with tracers, abstract
-    values, placeholders or batched leaves (under ``vmap``); those are left
-    untouched.
+
+def _pytree_class(cls):
+    """A frozen dataclass registered as a pytree whose rebuilding bypasses ``__init__``.
+
+    So ``__post_init__`` (validation) runs only when a user calls the
+    constructor, never on the leaves that ``jit``/``vmap``/``tree.map``
+    rebuild a class from (tracers, batched arrays, placeholders).
     """
-    if isinstance(value, (list, tuple, np.ndarray, float, int)):
-        return True
-    return isinstance(value, jax.Array) and is_concrete(value) and value.ndim == unbatched_ndim
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls))
+
+    def flatten_with_keys(obj):
+        return [(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in names], None
+
+    def unflatten(_, leaves):
+        obj = object.__new__(cls)
+        for n, leaf in zip(names, leaves):
+            object.__setattr__(obj, n, leaf)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten)
+    cls.replace = lambda self, **updates: dataclasses.replace(self, **updates)
+    return cls
 
 
 def _check_points(x: jax.Array, d: int, name: str = "x") -> None:
@@ -150,7 +188,7 @@ def _check_noise(sigma, scale) -> None:
 # --------------------------------------------------------------------------
 
 
-@struct.dataclass
+@_pytree_class
 class Gaussian:
     """A multivariate normal ``N(mean, cov)``.
 
@@ -168,9 +206,7 @@ class Gaussian:
     cov: jax.Array
 
     def __post_init__(self):
-        if not _is_user_data(self.mean, 1):
-            return
-        mean = jnp.asarray(self.mean, dtype=jnp.result_type(float))
+        mean = _float_array("mean", self.mean, 1, "[d]")
         cov = jnp.asarray(self.cov, dtype=mean.dtype)
         _validate_cov("cov", cov, mean.shape[0])
         object.__setattr__(self, "mean", mean)
@@ -194,6 +230,7 @@ class Gaussian:
         return -_solve(self.cov, x - self.mean)
 
     def sample(self, key: jax.Array, n: int) -> jax.Array:
+        check_key(key)
         check_positive_int("n", n)
         z = jax.random.normal(key, (n, self.dim), dtype=self.mean.dtype)
         if _is_diag(self.cov):
@@ -224,7 +261,7 @@ class Gaussian:
 # --------------------------------------------------------------------------
 
 
-@struct.dataclass
+@_pytree_class
 class GaussianMixture:
     """A mixture ``sum_k w_k N(means_k, covs_k)``.
 
@@ -247,19 +284,23 @@ class GaussianMixture:
     covs: jax.Array
 
     def __post_init__(self):
-        if not _is_user_data(self.means, 2):
-            return
-        means = jnp.asarray(self.means, dtype=jnp.result_type(float))
+        means = _float_array("means", self.means, 2, "[K, d]")
         covs = jnp.asarray(self.covs, dtype=means.dtype)
-        w = np.asarray(self.weights, dtype=np.float64)
         k, d = means.shape
-        if w.shape != (k,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(
-                f"weights must have shape [K]=({k},), be finite, non-negative and have a "
-                f"positive sum, got {self.weights!r}."
-            )
+        if np.shape(self.weights) != (k,):
+            raise ValueError(f"weights must have shape [K]=({k},), got shape {np.shape(self.weights)}.")
+        if is_concrete(self.weights):
+            w = np.asarray(self.weights, dtype=np.float64)
+            if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+                raise ValueError(
+                    f"weights must be finite, non-negative and have a positive sum, got {self.weights!r}."
+                )
+            weights = jnp.asarray(w / w.sum(), dtype=means.dtype)
+        else:
+            weights = jnp.asarray(self.weights, dtype=means.dtype)
+            weights = weights / jnp.sum(weights)
         _validate_cov("covs", covs, d, leading=(k,))
-        object.__setattr__(self, "weights", jnp.asarray(w / w.sum(), dtype=means.dtype))
+        object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "means", means)
         object.__setattr__(self, "covs", covs)
 
@@ -303,6 +344,7 @@ class GaussianMixture:
         return jnp.einsum("bk,bkd->bd", resp, comp)
 
     def sample(self, key: jax.Array, n: int) -> jax.Array:
+        check_key(key)
         check_positive_int("n", n)
         k_comp, k_noise = jax.random.split(key)
         comp = jax.random.categorical(k_comp, jnp.log(self.weights), shape=(n,))
@@ -314,6 +356,7 @@ class GaussianMixture:
 
     def sample_with_labels(self, key: jax.Array, n: int):
         """Samples and the index of the component each came from."""
+        check_key(key)
         k_comp, _ = jax.random.split(key)
         comp = jax.random.categorical(k_comp, jnp.log(self.weights), shape=(n,))
         return self.sample(key, n), comp

@@ -7,6 +7,14 @@ differentiable in the model's parameters (close over them, or pass a
 ``[B]``; its output is turned into a score by
 :func:`dsm_jax.parameterization.score_from_model`.
 
+Checks: before tracing, every loss checks shapes, that the data are floating
+point, the keys (``jax.random.key(seed)``, not an int), the names, and every
+concrete value (sigma > 0 and finite, a schedule's order). A value traced
+under ``jit`` (a sigma passed as an argument of the jitted function, the data)
+is only checked at run time, and only with the opt-in ``checkify`` checks of
+:func:`dsm_jax.debug_checks` (sigma finite and > 0, data finite): off by
+default, so a loss traced without them holds no extra operation.
+
 References:
     Hyvarinen, "Estimation of non-normalized statistical models by score
     matching", JMLR 2005 (explicit score matching).
@@ -28,11 +36,15 @@ import jax.numpy as jnp
 from dsm_jax._checks import (
     check_batched,
     check_choice,
+    check_floating,
+    check_key,
     check_positive_int,
     check_positive_number,
     check_sigma,
     check_sigma_schedule,
     is_concrete,
+    runtime_check_finite,
+    runtime_check_positive,
 )
 from dsm_jax.divergence import (
     exact_divergence_and_value,
@@ -55,21 +67,38 @@ def _sum_per_example(v: jax.Array) -> jax.Array:
     return jnp.sum(v.reshape(v.shape[0], -1), axis=-1)
 
 
+def _check_data(name: str, x) -> None:
+    """Batched floating-point data; finite at run time with :func:`dsm_jax.debug_checks`."""
+    check_batched(name, x)
+    check_floating(name, x)
+    runtime_check_finite(name, x)
+
+
 # ---------------------------------------------------------------------------
 # Explicit and sliced score matching (no noise)
 # ---------------------------------------------------------------------------
 
 
-def explicit_score_matching_loss(score_fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, chunk_size: Union[int, str, None] = "auto") -> jax.Array:
+def explicit_score_matching_loss(
+    score_fn: Callable[..., jax.Array], x: jax.Array, *, sigma=None, chunk_size: Union[int, str, None] = "auto"
+) -> jax.Array:
     """Hyvarinen's score matching with the exact Jacobian trace.
 
     ``J(s) = E_x[ tr(grad_x s(x)) + 1/2 |s(x)|^2 ]``, which equals
     ``1/2 E|s - grad log p|^2`` up to a constant independent of ``s``. The
     trace uses one ``jax.jvp`` per dimension (:func:`exact_divergence`).
 
+    For a noise-conditional model pass it with its levels,
+    ``explicit_score_matching_loss(model_fn, x, sigma=sigma_batch)``, not as
+    ``lambda z: model_fn(z, sigma_batch)``: the trace then runs per example,
+    13-22% less time for an MLP at d = 64, batch 64 on a CPU (the closure
+    takes the whole-batch fallback and warns).
+
     Args:
-        score_fn: ``[B, *D] -> [B, *D]``, examples treated independently.
-        x: data ``[B, *D]``.
+        score_fn: ``[B, *D] -> [B, *D]``, examples treated independently; with
+            ``sigma``, ``score_fn(x, sigma) -> [B, *D]`` with ``sigma: [B]``.
+        x: data ``[B, *D]``, floating point.
+        sigma: optional noise level(s) passed to ``score_fn``, scalar or ``[B]``.
         chunk_size: chunking of the trace's basis: ``None`` (all directions
             at once), a number of directions per chunk (bounds memory, also
             under ``jax.grad``), or ``"auto"`` (default: chunks of about 2048
@@ -79,15 +108,19 @@ def explicit_score_matching_loss(score_fn: Callable[[jax.Array], jax.Array], x: 
     Returns:
         A scalar.
     """
-    div, s = exact_divergence_and_value(score_fn, x, chunk_size=chunk_size)
+    _check_data("x", x)
+    if sigma is not None:
+        runtime_check_positive("sigma", sigma)
+    div, s = exact_divergence_and_value(score_fn, x, sigma=sigma, chunk_size=chunk_size)
     return jnp.mean(div + 0.5 * _sum_per_example(s**2))
 
 
 def sliced_score_matching_loss(
-    score_fn: Callable[[jax.Array], jax.Array],
+    score_fn: Callable[..., jax.Array],
     x: jax.Array,
     key: jax.Array,
     *,
+    sigma=None,
     num_projections: int = 1,
     probe: str = "rademacher",
     variance_reduction: bool = False,
@@ -100,9 +133,11 @@ def sliced_score_matching_loss(
     expectation over the probes. One ``jax.jvp`` per projection.
 
     Args:
-        score_fn: ``[B, *D] -> [B, *D]``.
-        x: data ``[B, *D]``.
+        score_fn: ``[B, *D] -> [B, *D]``; with ``sigma``,
+            ``score_fn(x, sigma) -> [B, *D]`` with ``sigma: [B]``.
+        x: data ``[B, *D]``, floating point.
         key: PRNG key for the projections.
+        sigma: optional noise level(s) passed to ``score_fn``, scalar or ``[B]``.
         num_projections: probes per example, averaged.
         probe: "rademacher" or "gaussian" (``E[v v^T] = I`` for both).
         variance_reduction: use the SSM-VR form.
@@ -110,10 +145,18 @@ def sliced_score_matching_loss(
     Returns:
         A scalar.
     """
-    check_batched("x", x)
+    _check_data("x", x)
+    check_key(key)
     check_positive_int("num_projections", num_projections)
+    if sigma is not None:
+        check_sigma(sigma, x.shape[0])
+        runtime_check_positive("sigma", sigma)
+        sigma_b = broadcast_sigma(sigma, x)
+        field = lambda z: score_fn(z, sigma_b)
+    else:
+        field = score_fn
     probes = sample_probes(key, (num_projections,) + x.shape, probe=probe, dtype=x.dtype)
-    s, jvp_fn = jax.linearize(score_fn, x)
+    s, jvp_fn = jax.linearize(field, x)
     if s.shape != x.shape:
         raise ValueError(f"score_fn returned shape {s.shape}, expected {x.shape}.")
 
@@ -134,9 +177,11 @@ def sliced_score_matching_loss(
 # ---------------------------------------------------------------------------
 
 
-def _check_dsm_inputs(x, sigma, parameterization):
-    check_batched("x", x)
+def _check_dsm_inputs(x, sigma, key, parameterization):
+    _check_data("x", x)
     check_sigma(sigma, x.shape[0])
+    runtime_check_positive("sigma", sigma)
+    check_key(key)
     check_parameterization(parameterization)
 
 
@@ -188,7 +233,7 @@ def dsm_loss(
         >>> float(dsm_loss(score, x, 0.5, jax.random.key(1))) > 0
         True
     """
-    _check_dsm_inputs(x, sigma, parameterization)
+    _check_dsm_inputs(x, sigma, key, parameterization)
     sigma = broadcast_sigma(sigma, x)
     eps = jax.random.normal(key, x.shape, dtype=x.dtype)
     return jnp.mean(_dsm_per_example(model_fn, x, sigma, eps, parameterization, scale))
@@ -244,8 +289,10 @@ def per_sigma_dsm_losses(
     Returns:
         ``[L]``.
     """
-    check_batched("x", x)
+    _check_data("x", x)
     check_sigma_schedule(sigmas, decreasing=False)
+    runtime_check_positive("sigmas", sigmas)
+    check_key(key)
     check_parameterization(parameterization)
     sigmas = jnp.asarray(sigmas, dtype=x.dtype)
     return jnp.mean(_per_level_losses(model_fn, x, sigmas, key, parameterization, scale), axis=1)
@@ -294,13 +341,15 @@ def multiscale_dsm_loss(
     * ``sigma_sampling="stratified"``: every example at every level, each
       level jittered log-uniformly within its cell of the grid (half-way to
       its neighbours): the cost and low variance of "all", the continuum of
-      "log_uniform" (a stratified estimate of the same integral).
+      "log_uniform" (a stratified estimate of the same integral). The cells
+      need a strictly monotone ``sigmas`` (decreasing, as the samplers take
+      it, or increasing).
 
     Args:
         model_fn: ``model_fn(x, sigma) -> out``.
         x: clean data ``[B, *D]``.
-        sigmas: ``[L]`` positive noise levels.
-        key: PRNG key, or ``[B]`` keys, one per example: example ``j`` then
+        sigmas: ``[L]`` positive noise levels (strictly monotone for "stratified").
+        key: PRNG key (``jax.random.key(seed)``), or ``[B]`` keys, one per example: example ``j`` then
             draws exactly what a batch of one would draw with ``key[j]``, so
             the loss does not depend on how a batch is split (what
             :func:`dsm_jax.train.make_train_step` needs for its per-example
@@ -327,10 +376,13 @@ def multiscale_dsm_loss(
         >>> per_sigma.shape
         (10,)
     """
-    check_batched("x", x)
-    check_sigma_schedule(sigmas, decreasing=False)
-    check_parameterization(parameterization)
+    _check_data("x", x)
     check_choice("sigma_sampling", sigma_sampling, SIGMA_SAMPLING)
+    # The stratified cells run half-way to each neighbour: a non-monotone grid would overlap them.
+    check_sigma_schedule(sigmas, decreasing=False, monotone=sigma_sampling == "stratified")
+    runtime_check_positive("sigmas", sigmas)
+    check_key(key, allow_batch=True)
+    check_parameterization(parameterization)
     lam = get_weighting(weighting)
     sigmas = jnp.asarray(sigmas, dtype=x.dtype)
     num_levels = sigmas.shape[0]
@@ -443,17 +495,18 @@ def sure_loss(
     Returns:
         A scalar: the batch mean of SURE (summed over dimensions).
     """
-    check_batched("y", y)
+    _check_data("y", y)
     check_sigma(sigma, y.shape[0])
+    runtime_check_positive("sigma", sigma)
     check_choice("trace", trace, TRACES)
     sigma_b = broadcast_sigma(sigma, y)
-    fn = lambda z: denoiser_fn(z, sigma_b)
     if trace == "exact":
-        div, x_hat = exact_divergence_and_value(fn, y)
+        div, x_hat = exact_divergence_and_value(denoiser_fn, y, sigma=sigma_b)
     else:
         if key is None:
             raise ValueError("key must be a PRNG key when trace='hutchinson', got None.")
-        div, x_hat = hutchinson_divergence_and_value(fn, y, key, num_probes=num_probes, probe=probe)
+        check_key(key)
+        div, x_hat = hutchinson_divergence_and_value(denoiser_fn, y, key, sigma=sigma_b, num_probes=num_probes, probe=probe)
     d = y[0].size
     per_example = _sum_per_example((y - x_hat) ** 2) - d * sigma_b**2 + 2.0 * sigma_b**2 * div
     return jnp.mean(per_example)
@@ -504,11 +557,13 @@ def sde_dsm_loss(
         Song et al., ICLR 2021; Song, Durkan, Murray & Ermon, "Maximum
         likelihood training of score-based diffusion models", NeurIPS 2021.
     """
-    check_batched("x", x)
+    _check_data("x", x)
+    check_key(key)
     check_parameterization(parameterization)
     if not callable(weighting):
         check_choice("weighting", weighting, SDE_WEIGHTINGS)
     check_positive_number("t_min", t_min)
+    runtime_check_positive("t_min", t_min)
     if is_concrete(t_min) and not float(t_min) < float(sde.T):
         raise ValueError(f"t_min must be smaller than sde.T={sde.T}, got {t_min!r}.")
     k_t, k_eps = jax.random.split(key)

@@ -19,6 +19,8 @@ import numpy as np
 from dsm_jax._checks import (
     check_batched,
     check_choice,
+    check_in_float_range,
+    check_key,
     check_positive_int,
     check_positive_number,
     check_sigma_schedule,
@@ -32,7 +34,10 @@ Weighting = Union[str, Callable[[jax.Array], jax.Array]]
 def geometric_sigmas(sigma_max: float, sigma_min: float, num: int) -> jax.Array:
     """``num`` noise levels from ``sigma_max`` down to ``sigma_min``, equally spaced in log.
 
-    ``sigma_i = sigma_max * (sigma_min / sigma_max)^{i / (num - 1)}``.
+    ``sigma_i = sigma_max * (sigma_min / sigma_max)^{i / (num - 1)}``, in
+    float32. Both ends must be positive finite float32 numbers (between
+    ``1.18e-38`` and ``3.4e38``): beyond, a level would underflow to 0 or
+    overflow to inf.
 
     Example:
         >>> geometric_sigmas(10.0, 0.1, 3)
@@ -46,14 +51,22 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num: int) -> jax.Array:
             raise ValueError(f"num=1 needs sigma_max == sigma_min, got {sigma_max} and {sigma_min}.")
     elif not sigma_max > sigma_min:
         raise ValueError(f"sigma_max must exceed sigma_min, got sigma_max={sigma_max}, sigma_min={sigma_min}.")
+    # The levels lie between the two ends, so the ends alone decide whether all are representable.
+    check_in_float_range("sigma_max", sigma_max, jnp.float32)
+    check_in_float_range("sigma_min", sigma_min, jnp.float32)
     return jnp.asarray(np.geomspace(sigma_max, sigma_min, num), dtype=jnp.float32)
 
 
-def sample_log_uniform_sigmas(key: jax.Array, shape, sigma_min: float, sigma_max: float) -> jax.Array:
-    """``log sigma ~ Uniform(log sigma_min, log sigma_max)``: the continuous analogue of a geometric grid."""
-    check_positive_number("sigma_min", sigma_min)
-    check_positive_number("sigma_max", sigma_max)
-    u = jax.random.uniform(key, shape)
+def sample_log_uniform_sigmas(key: jax.Array, shape, sigma_min: float, sigma_max: float, *, dtype=jnp.float32) -> jax.Array:
+    """``log sigma ~ Uniform(log sigma_min, log sigma_max)``: the continuous analogue of a geometric grid.
+
+    Both ends must be positive finite numbers of ``dtype`` (as for :func:`geometric_sigmas`).
+    """
+    check_key(key)
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        check_positive_number(name, value)
+        check_in_float_range(name, value, dtype)
+    u = jax.random.uniform(key, shape, dtype=dtype)
     return sigma_min * (sigma_max / sigma_min) ** u
 
 

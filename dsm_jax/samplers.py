@@ -6,6 +6,13 @@ the number of steps. Nothing is jit-wrapped; the caller jits, e.g.
 ``jax.jit(partial(euler_maruyama, model_fn, sde, num_steps=500))(x, key)``.
 Keys are explicit.
 
+Checks: before tracing, shapes, dtypes (floating-point states), keys and
+every concrete value (sigmas decreasing and > 0, step sizes > 0) are checked.
+Values traced under ``jit`` (a schedule or a step size passed as an argument,
+the initial states) are only checked at run time with the opt-in ``checkify``
+checks of :func:`dsm_jax.debug_checks` (sigmas and step sizes finite and > 0,
+initial states finite); off by default, they add nothing to the program.
+
 Returns:
     :func:`langevin` and :func:`annealed_langevin` (the NCSN contract) return
     the samples ``[B, *D]``, or ``(samples, trajectory)`` with
@@ -59,11 +66,15 @@ import numpy as np
 from dsm_jax._checks import (
     check_batched,
     check_choice,
+    check_floating,
+    check_key,
     check_positive_int,
     check_positive_number,
     check_same_shape,
     check_sigma_schedule,
     is_concrete,
+    runtime_check_finite,
+    runtime_check_positive,
 )
 from dsm_jax.parameterization import (
     ModelFn,
@@ -167,6 +178,13 @@ def _with_start(x0, traj):
     return None if traj is None else jnp.concatenate([x0[None], traj], axis=0)
 
 
+def _check_state(name: str, x: jax.Array) -> None:
+    """A batched floating-point sampler state; finite at run time with :func:`dsm_jax.debug_checks`."""
+    check_batched(name, x)
+    check_floating(name, x)
+    runtime_check_finite(name, x)
+
+
 def _check_score_shape(name: str, fn, x: jax.Array, *args) -> None:
     out = jax.eval_shape(fn, x, *args)
     check_same_shape(name, out, x.shape, f"the shape of x, {tuple(x.shape)}")
@@ -235,8 +253,10 @@ def langevin(
     References:
         Roberts & Tweedie, Bernoulli 1996; Welling & Teh, ICML 2011.
     """
-    check_batched("x0", x0)
+    _check_state("x0", x0)
+    check_key(key)
     check_positive_number("step_size", step_size)
+    runtime_check_positive("step_size", step_size)
     num_steps = check_positive_int("num_steps", num_steps)
     every = _trajectory_every(return_trajectory, trajectory_every, num_steps)
     _check_score_shape("score_fn", score_fn, x0)
@@ -288,10 +308,13 @@ def _annealed_langevin(model_fn, x0, key, sigmas, steps_per_sigma, step_lr, fina
     return x, traj
 
 
-def _check_annealed(x0, sigmas, steps_per_sigma, step_lr, parameterization):
-    check_batched("x0", x0)
+def _check_annealed(x0, key, sigmas, steps_per_sigma, step_lr, parameterization, name="x0"):
+    _check_state(name, x0)
+    check_key(key)
     check_sigma_schedule(sigmas, decreasing=True)
+    runtime_check_positive("sigmas", sigmas)
     check_positive_number("step_lr", step_lr)
+    runtime_check_positive("step_lr", step_lr)
     check_parameterization(parameterization)
     return check_positive_int("steps_per_sigma", steps_per_sigma)
 
@@ -354,7 +377,7 @@ def annealed_langevin(
     References:
         Song & Ermon, NeurIPS 2019, Algorithm 1.
     """
-    steps_per_sigma = _check_annealed(x0, sigmas, steps_per_sigma, step_lr, parameterization)
+    steps_per_sigma = _check_annealed(x0, key, sigmas, steps_per_sigma, step_lr, parameterization)
     every = None
     if return_trajectory:
         every = steps_per_sigma if trajectory_every is None else check_positive_int("trajectory_every", trajectory_every)
@@ -518,7 +541,7 @@ def _reverse_sde(
 def _check_model_input(model_fn, sde, x, parameterization, name):
     """Static checks shared by the SDE samplers and the likelihood."""
     _check_sde(sde)
-    check_batched(name, x)
+    _check_state(name, x)
     check_parameterization(parameterization)
     # Raises "model_fn returned shape ..." before any loop is traced.
     sigma = jnp.ones((x.shape[0],), x.dtype)
@@ -571,6 +594,7 @@ def euler_maruyama(
         >>> out.samples, out.nfe                                                  # doctest: +SKIP
     """
     num_steps = _check_sde_sampler(model_fn, sde, x_init, num_steps, parameterization)
+    check_key(key)
     ts = _time_grid(sde, num_steps, None, t_min)
     every = _trajectory_every(return_trajectory, trajectory_every, num_steps)
     return _reverse_sde(
@@ -634,6 +658,7 @@ def predictor_corrector(
         ``nfe = num_steps * (1 + corrector_steps) + final_denoise``.
     """
     num_steps = _check_sde_sampler(model_fn, sde, x_init, num_steps, parameterization)
+    check_key(key)
     corrector_steps = _check_pc(snr, corrector_steps)
     ts = _time_grid(sde, num_steps, None, t_min)
     every = _trajectory_every(return_trajectory, trajectory_every, num_steps)
@@ -677,6 +702,7 @@ def ddpm(
     """
     check_choice("variance", variance, DDPM_VARIANCES)
     num_steps = _check_sde_sampler(model_fn, sde, x_init, num_steps, parameterization)
+    check_key(key)
     predictor = reverse_diffusion_predictor if variance == "beta" else functools.partial(ddim_predictor, eta=1.0)
     ts = _time_grid(sde, num_steps, None, t_min)
     every = _trajectory_every(return_trajectory, trajectory_every, num_steps)
@@ -715,6 +741,8 @@ def ddim(
         if float(eta) > 0 and key is None:
             raise ValueError(f"key must be a PRNG key when eta > 0, got key=None and eta={eta!r}.")
     num_steps = _check_sde_sampler(model_fn, sde, x_init, num_steps, parameterization)
+    if key is not None:
+        check_key(key)
     ts = _time_grid(sde, num_steps, None, t_min)
     every = _trajectory_every(return_trajectory, trajectory_every, num_steps)
     key = jax.random.key(0) if key is None else key
@@ -914,6 +942,7 @@ def inpaint(
     """
     mask = _check_mask(y, mask)
     num_steps = _check_sde_sampler(model_fn, sde, y, num_steps, parameterization, name="y")
+    check_key(key)
     corrector_steps = _check_pc(snr, corrector_steps)
     ts = _time_grid(sde, num_steps, None, t_min)
     every = _trajectory_every(return_trajectory, trajectory_every, num_steps)
@@ -967,7 +996,7 @@ def inpaint_annealed_langevin(
         ``[B, *D]``.
     """
     mask = _check_mask(y, mask)
-    steps_per_sigma = _check_annealed(y, sigmas, steps_per_sigma, step_lr, parameterization)
+    steps_per_sigma = _check_annealed(y, key, sigmas, steps_per_sigma, step_lr, parameterization, name="y")
     k_init, k_run = jax.random.split(key)
     if x0 is None:
         x0 = jnp.asarray(sigmas, y.dtype)[0] * jax.random.normal(k_init, y.shape, y.dtype)
@@ -1024,7 +1053,9 @@ def denoise_observation(
         :class:`SampleResult`, ``nfe = num_steps + final_denoise``.
     """
     num_steps = _check_sde_sampler(model_fn, sde, y, num_steps, parameterization, name="y")
+    check_key(key)
     check_positive_number("sigma_y", sigma_y)
+    runtime_check_positive("sigma_y", sigma_y)
     sigma_y = broadcast_sigma(sigma_y, y) if jnp.ndim(sigma_y) else jnp.asarray(sigma_y, y.dtype)
     t_end = sde.t_min if t_min is None else t_min
     if is_concrete(sigma_y):

@@ -25,7 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dsm_jax._checks import check_batched, check_same_shape, check_sigma
+from dsm_jax._checks import check_batched, check_floating, check_same_shape, check_sigma
 from dsm_jax.parameterization import ModelFn, broadcast_sigma, expand_to, score_from_model
 
 __all__ = ["posterior_mean", "posterior_covariance", "denoise"]
@@ -41,6 +41,7 @@ def _per_example(value, x: jax.Array, name: str) -> jax.Array:
 
 def _check_inputs(score_fn, x_noisy, sigma, scale):
     check_batched("x_noisy", x_noisy)
+    check_floating("x_noisy", x_noisy)
     sigma_b = _per_example(sigma, x_noisy, "sigma")
     scale_b = _per_example(scale, x_noisy, "scale")
     check_same_shape("score_fn", jax.eval_shape(score_fn, x_noisy), x_noisy.shape, "the shape of x_noisy")
@@ -133,6 +134,7 @@ def denoise(model_fn: ModelFn, x_noisy: jax.Array, sigma, *, parameterization: s
         ``[B, *D]``.
     """
     check_batched("x_noisy", x_noisy)
+    check_floating("x_noisy", x_noisy)
     check_sigma(sigma, x_noisy.shape[0])
     score_fn = lambda y: score_from_model(model_fn, y, sigma, parameterization=parameterization, scale=scale)
     return posterior_mean(score_fn, x_noisy, sigma, scale=scale)

@@ -147,6 +147,26 @@ def test_pytree_through_jit_and_vmap():
     np.testing.assert_allclose(per_sigma[1], gmm.convolve(0.5).score(x), rtol=1e-6)
 
 
+TWO = GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [[1.0], [1.0]])
+
+
+def test_constructed_inside_jit_and_vmap():
+    """Inside a transform the constructor traces (rank checks only) and normalises traced weights."""
+    x = jnp.array([[0.3, -0.2]])
+    means, covs = jnp.array([[1.0, 0.0], [-1.0, 0.0]]), jnp.full((2, 2), 0.5)
+    ref = GaussianMixture(jnp.array([1.0, 3.0]), means, covs).score(x)
+    made = jax.jit(lambda w, m: GaussianMixture(w, m, covs).score(x))(jnp.array([1.0, 3.0]), means)
+    np.testing.assert_allclose(made, ref, rtol=1e-6)
+    shifted = jax.vmap(lambda m: Gaussian(m, jnp.ones(2)).score(x))(means)
+    np.testing.assert_allclose(shifted[0], Gaussian(means[0], jnp.ones(2)).score(x), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"means must have shape \[K, d\]"):
+        jax.jit(lambda m: GaussianMixture(jnp.ones(2), m, covs))(means[:, :, None])
+    # Rebuilt by the pytree machinery (a batch axis on every leaf) without the constructor's checks.
+    batched = jax.vmap(lambda s: GaussianMixture(jnp.ones(2), means, covs).convolve(s))(jnp.array([0.1, 0.2, 0.3]))
+    assert batched.means.shape == (3, 2, 2)
+    assert jax.tree.map(lambda a: a[None], TWO).means.shape == (1, 2, 1)
+
+
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -158,6 +178,21 @@ def test_pytree_through_jit_and_vmap():
         (lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [[1.0], [1.0]]).convolve(0.0), "sigma"),
         (lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [[1.0], [1.0]]).score(jnp.ones((3, 2))), r"x must have shape \[B, 1\]"),
         (lambda: Gaussian([0.0], [1.0]).sample(jax.random.key(0), 0), "n must be"),
+        # Non-finite parameters, numpy or jax.
+        (lambda: Gaussian([np.nan, 0.0], [1.0, 1.0]), r"mean must be finite, got \[nan,"),
+        (lambda: Gaussian(jnp.array([0.0, 0.0]), jnp.array([[1.0, np.inf], [0.0, 1.0]])), "cov must be finite"),
+        (lambda: GaussianMixture([0.5, 0.5], jnp.array([[0.0], [np.inf]]), [[1.0], [1.0]]), "means must be finite"),
+        (lambda: GaussianMixture([0.5, np.nan], [[0.0], [1.0]], [[1.0], [1.0]]), "weights must be finite"),
+        (lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], np.array([[1.0], [np.nan]])), "covs .*must be finite"),
+        (lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], jnp.full((2, 1, 1), np.nan)), "covs must be finite"),
+        # Wrong ranks given as jax arrays (they used to pass unchecked).
+        (lambda: GaussianMixture(jnp.ones(2), jnp.zeros((2, 2, 1)), jnp.ones((2, 2))), r"means must have shape \[K, d\], got shape \(2, 2, 1\)"),
+        (lambda: GaussianMixture(jnp.ones(2), jnp.zeros(2), jnp.ones(2)), r"means must have shape \[K, d\]"),
+        (lambda: GaussianMixture(jnp.ones((2, 1)), jnp.zeros((2, 1)), jnp.ones((2, 1))), r"weights must have shape \[K\]=\(2,\)"),
+        (lambda: Gaussian(jnp.zeros((1, 2)), jnp.ones(2)), r"mean must have shape \[d\], got shape \(1, 2\)"),
+        (lambda: Gaussian(jnp.zeros(2), jnp.ones((1, 2, 2))), "cov must have shape"),
+        (lambda: Gaussian([0.0], [1.0]).sample(3, 2), r"key must be a PRNG key: pass jax.random.key\(seed\)"),
+        (lambda: TWO.sample_with_labels(jnp.ones(2), 2), "key must be a PRNG key"),
     ],
 )
 def test_bad_input(make, match):

@@ -1,11 +1,14 @@
 """The jvp trace estimators against jax.jacfwd and against their own statistics."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsm_jax.divergence import exact_divergence, hutchinson_divergence
+from dsm_jax.distributions import Gaussian
+from dsm_jax.divergence import SlowPathWarning, exact_divergence, hutchinson_divergence
 
 
 def _random_mlp(key, d, width=16):
@@ -57,9 +60,49 @@ def test_whole_batch_fallback_for_fields_closing_over_the_batch(chunk_size, x64)
     x = jax.random.normal(jax.random.key(6), (4, 5))
     c = jnp.linspace(0.5, 2.0, 4)
     coupled = lambda z: c[:, None] * fn(z)  # c_b * fn(z)_b: divergence c_b * div fn(z)_b
-    np.testing.assert_allclose(exact_divergence(coupled, x, chunk_size=chunk_size), c * _jacfwd_trace(fn, x), rtol=1e-10)
+    with pytest.warns(SlowPathWarning, match=r"whole batch .* sigma=sigma_batch") as record:
+        div = exact_divergence(coupled, x, chunk_size=chunk_size)
+    np.testing.assert_allclose(div, c * _jacfwd_trace(fn, x), rtol=1e-10)
+    assert record[0].filename == __file__  # attributed to the caller's line, not the library's
 
 
+# The noised score of N(mu, C) at a per-example level: s(x, sigma) = -(C + sigma^2 I)^{-1} (x - mu),
+# whose divergence is -tr((C + sigma^2 I)^{-1}).
+_G = Gaussian(jnp.array([1.0, -1.0, 0.5]), jnp.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 0.5]]))
+
+
+def _noised_score(x, sigma):
+    return jax.vmap(lambda xi, si: _G.convolve(si).score(xi[None])[0])(x, sigma)
+
+
+def _noised_divergence(sigma):
+    return jnp.array([-jnp.trace(jnp.linalg.inv(_G.cov + s**2 * jnp.eye(3))) for s in sigma])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_model_signature_takes_the_per_example_path(chunk_size, x64):
+    """fn(x, sigma) with sigma=: no warning, the closed form, and the numbers of the closure's fallback."""
+    x = jax.random.normal(jax.random.key(11), (5, 3))
+    sigma = jnp.linspace(0.1, 2.0, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-example path says nothing
+        fast = exact_divergence(_noised_score, x, sigma=sigma, chunk_size=chunk_size)
+        scalar = exact_divergence(_noised_score, x, sigma=0.7, chunk_size=chunk_size)
+    np.testing.assert_allclose(fast, _noised_divergence(sigma), rtol=1e-12)
+    np.testing.assert_allclose(scalar, _noised_divergence(jnp.full(5, 0.7)), rtol=1e-12)
+    with pytest.warns(SlowPathWarning):
+        old = exact_divergence(lambda z: _noised_score(z, sigma), x, chunk_size=chunk_size)
+    np.testing.assert_allclose(fast, old, rtol=1e-12)
+    # Hutchinson: the same probes, the same estimate as the closure.
+    key = jax.random.key(12)
+    np.testing.assert_allclose(
+        hutchinson_divergence(_noised_score, x, key, sigma=sigma, num_probes=3),
+        hutchinson_divergence(lambda z: _noised_score(z, sigma), x, key, num_probes=3),
+        rtol=1e-12,
+    )
+
+
+@pytest.mark.filterwarnings("ignore::dsm_jax.divergence.SlowPathWarning")  # single=False: the fallback, on purpose
 @pytest.mark.parametrize("single", [True, False])
 def test_chunked_gradients_equal_unchunked(single, x64):
     """The checkpointed chunks differentiate to the same parameter gradient as the whole basis."""
@@ -146,14 +189,27 @@ def test_rademacher_has_lower_variance_than_gaussian(x64):
     np.testing.assert_allclose(var["gaussian"], exact_gauss, rtol=0.1)
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="probe must be one of"):
-        hutchinson_divergence(lambda x: x, jnp.ones((2, 2)), jax.random.key(0), probe="normal")
-    with pytest.raises(ValueError, match="num_probes"):
-        hutchinson_divergence(lambda x: x, jnp.ones((2, 2)), jax.random.key(0), num_probes=0)
-    with pytest.raises(ValueError, match="chunk_size"):
-        exact_divergence(lambda x: x, jnp.ones((2, 2)), chunk_size=0)
-    with pytest.raises(ValueError, match="same shape"):
-        exact_divergence(lambda x: x[:, :1], jnp.ones((2, 2)))
-    with pytest.raises(ValueError, match=r"x must be batched"):
-        exact_divergence(lambda x: x, jnp.ones(3))
+_K = jax.random.key(0)
+_ONES = jnp.ones((2, 2))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: hutchinson_divergence(lambda x: x, _ONES, _K, probe="normal"), "probe must be one of"),
+        (lambda: hutchinson_divergence(lambda x: x, _ONES, _K, num_probes=0), "num_probes"),
+        (lambda: exact_divergence(lambda x: x, _ONES, chunk_size=0), "chunk_size"),
+        (lambda: exact_divergence(lambda x: x[:, :1], _ONES), "same shape"),
+        (lambda: exact_divergence(lambda x: x, jnp.ones(3)), r"x must be batched"),
+        (lambda: hutchinson_divergence(lambda x: x, _ONES, 0), r"key must be a PRNG key: pass jax.random.key\(seed\), got 0 \(int\)"),
+        (lambda: hutchinson_divergence(lambda x: x, _ONES, jnp.ones(2)), r"key must be a PRNG key.*dtype float32"),
+        (lambda: exact_divergence(lambda x: x, jnp.ones((2, 2), jnp.int32)), "x must be floating point, got dtype int32"),
+        (lambda: hutchinson_divergence(lambda x: x, jnp.ones((2, 2), jnp.int32), _K), "x must be floating point"),
+        (lambda: exact_divergence(lambda x, s: x, _ONES, sigma=0.0), "sigma must be > 0"),
+        (lambda: exact_divergence(lambda x, s: x, _ONES, sigma=jnp.ones(3)), r"sigma must be a scalar or have shape \[B\]"),
+        (lambda: hutchinson_divergence(lambda x, s: x, _ONES, _K, sigma=jnp.nan), "sigma must be finite"),
+    ],
+)
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

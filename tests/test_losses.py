@@ -1,23 +1,29 @@
 """Score-matching losses against closed forms and their defining identities."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
+from dsm_jax import debug_checks
 from dsm_jax.distributions import Gaussian, GaussianMixture
+from dsm_jax.divergence import SlowPathWarning
 from dsm_jax.losses import (
     _dsm_per_example,
     dsm_loss,
     explicit_score_matching_loss,
     multiscale_dsm_loss,
     per_sigma_dsm_losses,
+    sde_dsm_loss,
     sliced_score_matching_loss,
     sure_loss,
 )
 from dsm_jax.noise import geometric_sigmas
+from dsm_jax.sde import VESDE
 
 TWO_CLUSTERS = GaussianMixture(
     jnp.array([0.5, 0.5]), jnp.array([[2.0, 2.0], [-2.0, -2.0]]), jnp.full((2, 2), 0.25)
@@ -91,6 +97,29 @@ def test_sliced_sm_has_explicit_sm_as_expectation(probe, variance_reduction, x64
     )(jax.random.split(jax.random.key(5), n))
     se = draws.std() / np.sqrt(n)
     assert abs(draws.mean() - exact) < 5 * se, (draws.mean(), exact, se)
+
+
+def test_trace_losses_take_the_model_signature(x64):
+    """With sigma= the losses call model(x, sigma) per example: the closed form, the closure's numbers, no warning."""
+    g = Gaussian(jnp.array([1.0, -1.0, 0.5]), jnp.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 0.5]]))
+    noised_score = lambda z, s: jax.vmap(lambda zi, si: g.convolve(si).score(zi[None])[0])(z, s)
+    x = jax.random.normal(jax.random.key(40), (6, 3))
+    sigma = jnp.linspace(0.2, 1.5, 6)
+    # Explicit SM of s = -P (x - mu), P = (C + sigma^2 I)^{-1}: mean of -tr(P) + 1/2 |P (x - mu)|^2.
+    prec = jnp.linalg.inv(g.cov[None] + sigma[:, None, None] ** 2 * jnp.eye(3))
+    r = jnp.einsum("bij,bj->bi", prec, x - g.mean)
+    closed = jnp.mean(-jnp.trace(prec, axis1=1, axis2=2) + 0.5 * jnp.sum(r**2, axis=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-example path: no SlowPathWarning
+        fast = explicit_score_matching_loss(noised_score, x, sigma=sigma)
+        sliced = sliced_score_matching_loss(noised_score, x, jax.random.key(41), sigma=sigma, num_projections=2)
+        sure_loss(lambda y, s: y, x, sigma, trace="exact")  # SURE passes its [B] sigma the same way
+    np.testing.assert_allclose(fast, closed, rtol=1e-12)
+    with pytest.warns(SlowPathWarning, match="sigma=sigma_batch"):
+        old = explicit_score_matching_loss(lambda z: noised_score(z, sigma), x)
+    np.testing.assert_allclose(fast, old, rtol=1e-12)
+    old_sliced = sliced_score_matching_loss(lambda z: noised_score(z, sigma), x, jax.random.key(41), num_projections=2)
+    np.testing.assert_allclose(sliced, old_sliced, rtol=1e-12)
 
 
 def test_sliced_sm_variance_reduction_lowers_variance():
@@ -330,9 +359,87 @@ def test_sure_is_unbiased_for_a_linear_denoiser(trace):
         (lambda m, x, k: sliced_score_matching_loss(lambda y: y, x, k, num_projections=0), "num_projections"),
         (lambda m, x, k: sure_loss(m, x, 0.5, None), "key must be a PRNG key"),
         (lambda m, x, k: sure_loss(m, x, 0.5, k, trace="approx"), "trace must be one of"),
+        # A key that is not a PRNG key names the fix.
+        (lambda m, x, k: multiscale_dsm_loss(m, x, jnp.ones(3), 0),
+         r"key must be a PRNG key \(or a batch of them.*\): pass jax.random.key\(seed\), got 0 \(int\)"),
+        (lambda m, x, k: multiscale_dsm_loss(m, x, jnp.ones(3), jnp.ones((8, 2))), r"key must be a PRNG key .*dtype float32"),
+        (lambda m, x, k: dsm_loss(m, x, 0.5, 7), r"key must be a PRNG key: pass jax.random.key\(seed\), got 7 \(int\)"),
+        (lambda m, x, k: per_sigma_dsm_losses(m, x, jnp.ones(3), 1), "key must be a PRNG key"),
+        (lambda m, x, k: sliced_score_matching_loss(lambda y: y, x, 0), "key must be a PRNG key"),
+        (lambda m, x, k: sure_loss(m, x, 0.5, 3), "key must be a PRNG key"),
+        (lambda m, x, k: sde_dsm_loss(m, x, VESDE(), 0), "key must be a PRNG key"),
+        # Integer data.
+        (lambda m, x, k: dsm_loss(m, x.astype(jnp.int32), 0.5, k), "x must be floating point, got dtype int32"),
+        (lambda m, x, k: multiscale_dsm_loss(m, x.astype(jnp.int32), jnp.ones(3), k), "x must be floating point"),
+        (lambda m, x, k: per_sigma_dsm_losses(m, x.astype(jnp.int32), jnp.ones(3), k), "x must be floating point"),
+        (lambda m, x, k: explicit_score_matching_loss(lambda y: y, x.astype(jnp.int32)), "x must be floating point"),
+        (lambda m, x, k: sliced_score_matching_loss(lambda y: y, x.astype(jnp.int32), k), "x must be floating point"),
+        (lambda m, x, k: sure_loss(m, x.astype(jnp.int32), 0.5, k), "y must be floating point"),
+        (lambda m, x, k: sde_dsm_loss(m, x.astype(jnp.int32), VESDE(), k), "x must be floating point"),
+        # Stratified cells need a monotone grid.
+        (lambda m, x, k: multiscale_dsm_loss(m, x, jnp.array([1.0, 0.1, 0.5]), k, sigma_sampling="stratified"),
+         r"sigmas must be strictly monotone .*got \[1. , 0.1, 0.5\]"),
+        # The model signature's sigma.
+        (lambda m, x, k: explicit_score_matching_loss(m, x, sigma=0.0), "sigma must be > 0"),
+        (lambda m, x, k: sliced_score_matching_loss(m, x, k, sigma=jnp.ones(3)), r"sigma must be a scalar or have shape \[B\]"),
     ],
 )
 def test_bad_input(call, match):
     model = _mlp_model(jax.random.key(27), 2)
     with pytest.raises(ValueError, match=match):
         call(model, jnp.ones((8, 2)), jax.random.key(0))
+
+
+def test_stratified_accepts_either_order(x64):
+    """An increasing grid has the same cells as the decreasing one (run through the other way)."""
+    from dsm_jax.losses import _jitter_in_log_cells
+
+    sigmas = jnp.array([3.0, 1.0, 0.5, 0.05])
+    u = jax.random.uniform(jax.random.key(30), (4, 16), dtype=jnp.float64)
+    np.testing.assert_allclose(_jitter_in_log_cells(sigmas[::-1], 1.0 - u[::-1]), _jitter_in_log_cells(sigmas, u)[::-1], rtol=1e-12)
+    model = _mlp_model(jax.random.key(31), 2)
+    loss = multiscale_dsm_loss(model, jnp.ones((8, 2)), sigmas[::-1], jax.random.key(32), sigma_sampling="stratified")
+    assert np.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------
+# Opt-in run-time checks
+# ---------------------------------------------------------------------------
+
+
+def test_runtime_checks_catch_traced_sigma_zero():
+    model = _mlp_model(jax.random.key(42), 2)
+    x = jax.random.normal(jax.random.key(43), (8, 2))
+    key = jax.random.key(44)
+    f = lambda s, x: dsm_loss(model, x, s, key)
+    loss = jax.jit(f)
+    assert not np.isfinite(loss(0.0, x))  # off (the default): a traced sigma = 0 is not checked
+    multi = lambda s: multiscale_dsm_loss(model, x, s, key, sigma_sampling="stratified")
+    with debug_checks():
+        # `loss` was traced without the checks: entering the block retraces it with them.
+        err, _ = checkify.checkify(loss)(0.0, x)
+        assert "sigma must be finite and > 0 (traced value), got min 0.0, max 0.0" in err.get()
+        checked = jax.jit(checkify.checkify(f))
+        assert "sigma must be finite and > 0" in checked(jnp.full(8, 0.5).at[3].set(jnp.inf), x)[0].get()
+        assert "x must be finite, got 1 non-finite entries" in checked(jnp.full(8, 0.5), x.at[0, 0].set(jnp.nan))[0].get()
+        assert checked(jnp.full(8, 0.5), x)[0].get() is None
+        assert "sigmas must be finite and > 0" in jax.jit(checkify.checkify(multi))(jnp.array([1.0, 0.0]))[0].get()
+        # Outside jit a failed check raises at once.
+        with pytest.raises(checkify.JaxRuntimeError, match="x must be finite"):
+            dsm_loss(model, x.at[0, 0].set(jnp.nan), 0.5, key)
+    assert not np.isfinite(loss(0.0, x))  # off again after the block
+
+
+def test_runtime_checks_off_add_nothing_to_the_program():
+    """With the checks off the jaxpr has no check and is the same before and after a checked trace."""
+    model = _mlp_model(jax.random.key(45), 2)
+    x = jax.random.normal(jax.random.key(46), (8, 2))
+    sigmas = geometric_sigmas(2.0, 0.1, 4)
+    f = lambda s, x: multiscale_dsm_loss(model, x, s, jax.random.key(47), sigma_sampling="stratified")
+    off = jax.make_jaxpr(f)(sigmas, x)
+    assert "check[" not in str(off)
+    checkified_off = jax.make_jaxpr(checkify.checkify(f))(sigmas, x)
+    with debug_checks():
+        checkified_on = jax.make_jaxpr(checkify.checkify(f))(sigmas, x)
+    assert len(checkified_on.eqns) > len(checkified_off.eqns)
+    assert str(jax.make_jaxpr(f)(sigmas, x)) == str(off)

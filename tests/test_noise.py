@@ -27,6 +27,13 @@ def test_geometric_sigmas():
     assert np.all(np.diff(np.asarray(s)) < 0)
 
 
+def test_geometric_sigmas_at_the_float32_limits():
+    """Ends at the edges of the float32 range are kept, every level positive and finite."""
+    s = np.asarray(geometric_sigmas(3e38, 1.2e-38, 50))
+    assert s.dtype == np.float32 and np.all(np.isfinite(s)) and np.all(s > 0)
+    assert np.all(np.diff(s) < 0)
+
+
 def test_log_uniform_sampler_is_uniform_in_log():
     n = 100_000
     s = sample_log_uniform_sigmas(jax.random.key(0), (n,), 0.01, 10.0)
@@ -84,6 +91,12 @@ def test_ncsnv2_step_size_cifar10_config():
         (lambda: geometric_sigmas(50.0, 0.0, 10), "sigma_min must be > 0"),
         (lambda: geometric_sigmas(50.0, float("nan"), 10), "sigma_min must be finite"),
         (lambda: geometric_sigmas(50.0, 0.1, 0), "num must be an integer"),
+        # The float32 ends: 1e-50 would underflow to 0, 1e39 overflow to inf.
+        (lambda: geometric_sigmas(5.0, 1e-50, 5), r"sigma_min must lie in \[1.175e-38, 3.403e\+38\].*1e-50"),
+        (lambda: geometric_sigmas(1e39, 0.05, 5), r"sigma_max must lie in .* float32, got 1e\+39"),
+        (lambda: sample_log_uniform_sigmas(jax.random.key(0), (3,), 1e-50, 1.0), "sigma_min must lie in"),
+        (lambda: sample_log_uniform_sigmas(jax.random.key(0), (3,), 0.1, 1e39), "sigma_max must lie in"),
+        (lambda: sample_log_uniform_sigmas(0, (3,), 0.1, 1.0), r"key must be a PRNG key: pass jax.random.key\(seed\), got 0 \(int\)"),
         (lambda: get_weighting("sigma"), "weighting must be one of"),
         (lambda: ncsnv2_step_size(jnp.array([0.1, 1.0]), 5), "strictly decreasing"),
         (lambda: ncsnv2_step_size(jnp.array([1.0, 0.1]), 0), "steps_per_sigma"),

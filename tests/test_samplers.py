@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import io_callback
+from jax.experimental import checkify, io_callback
 
+from dsm_jax import debug_checks
 from dsm_jax import samplers as S
 from dsm_jax.distributions import Gaussian, GaussianMixture
 from dsm_jax.noise import geometric_sigmas
@@ -386,6 +387,21 @@ _bad_shape_model = lambda x, sigma: x[:, :1]
         (lambda: S.inpaint(_linear_model, VESDE(), _X, jnp.ones(3), _K, num_steps=5), "mask"),
         (lambda: S.denoise_observation(_linear_model, VESDE(0.01, 20.0), _X, 50.0, _K, num_steps=5), "sigma_y"),
         (lambda: S.denoise_observation(_linear_model, VESDE(0.01, 20.0), _X, 0.0, _K, num_steps=5), "sigma_y"),
+        # Keys: an int (or any non-key) is named with the fix.
+        (lambda: S.langevin(lambda z: -z, _X, 0, step_size=0.1, num_steps=3), r"key must be a PRNG key: pass jax.random.key\(seed\), got 0 \(int\)"),
+        (lambda: S.annealed_langevin(_linear_model, _X, 3, _SIG, steps_per_sigma=2, step_lr=0.1), "key must be a PRNG key"),
+        (lambda: S.euler_maruyama(_linear_model, VESDE(), _X, 1, num_steps=5), "key must be a PRNG key"),
+        (lambda: S.predictor_corrector(_linear_model, VESDE(), _X, jnp.ones(3), num_steps=5), "key must be a PRNG key"),
+        (lambda: S.ddim(_linear_model, VPSDE(), _X, 5, num_steps=5, eta=0.5), "key must be a PRNG key"),
+        (lambda: S.inpaint_annealed_langevin(_linear_model, _X, jnp.ones(2), 0, _SIG, steps_per_sigma=2, step_lr=0.1),
+         "key must be a PRNG key"),
+        # Integer states.
+        (lambda: S.langevin(lambda z: -z, _X.astype(jnp.int32), _K, step_size=0.1, num_steps=3),
+         "x0 must be floating point, got dtype int32"),
+        (lambda: S.annealed_langevin(_linear_model, _X.astype(jnp.int32), _K, _SIG, steps_per_sigma=2, step_lr=0.1),
+         "x0 must be floating point"),
+        (lambda: S.euler_maruyama(_linear_model, VESDE(), _X.astype(jnp.int32), _K, num_steps=5), "x_init must be floating point"),
+        (lambda: S.inpaint(_linear_model, VESDE(), _X.astype(jnp.int32), jnp.ones(2), _K, num_steps=5), "y must be floating point"),
     ],
 )
 def test_bad_input(call, match):
@@ -428,3 +444,17 @@ def test_annealed_langevin_noise_drawn_up_front_or_per_step_is_the_same(monkeypa
     per_step = run()
     np.testing.assert_allclose(up_front[0], per_step[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(up_front[1], per_step[1], rtol=1e-5, atol=1e-5)
+
+
+def test_runtime_checks_catch_traced_levels_and_steps():
+    """Off by default; with debug_checks() a zero level or step traced under jit is reported."""
+    anneal = lambda sigmas, lr: S.annealed_langevin(_linear_model, _X, _K, sigmas, steps_per_sigma=2, step_lr=lr)
+    walk = lambda h, x0: S.langevin(lambda z: -z, x0, _K, step_size=h, num_steps=3)
+    assert jax.jit(anneal)(jnp.array([1.0, 0.0]), 0.1).shape == _X.shape  # no check: a silent non-finite result
+    with debug_checks():
+        run, step = jax.jit(checkify.checkify(anneal)), jax.jit(checkify.checkify(walk))
+        assert "sigmas must be finite and > 0 (traced value), got min 0.0" in run(jnp.array([1.0, 0.0]), 0.1)[0].get()
+        assert "step_lr must be finite and > 0" in run(_SIG[:2], -1.0)[0].get()
+        assert run(_SIG[:2], 0.1)[0].get() is None
+        assert "step_size must be finite and > 0" in step(0.0, _X)[0].get()
+        assert "x0 must be finite, got 1 non-finite entries" in step(0.1, _X.at[1, 1].set(jnp.inf))[0].get()

@@ -126,3 +126,7 @@ def test_bad_input(getkey):
         denoise(lambda x, s: x, y, 0.5, parameterization="v")
     with pytest.raises(ValueError, match="model_fn"):
         denoise(lambda x, s: x[:, :2], y, 0.5)
+    with pytest.raises(ValueError, match="x_noisy must be floating point, got dtype int32"):
+        posterior_covariance(score, jnp.ones((4, 3), jnp.int32), 0.5)
+    with pytest.raises(ValueError, match="x_noisy must be floating point"):
+        denoise(lambda x, s: x, jnp.ones((4, 3), jnp.int32), 0.5)
