@@ -49,11 +49,18 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_c
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dsm_jax._checks import check_choice, check_positive_int, check_positive_number, check_sigma_schedule
+from dsm_jax._checks import (
+    check_choice,
+    check_positive_int,
+    check_positive_number,
+    check_sigma_schedule,
+    runtime_checks_enabled,
+)
 from dsm_jax.checkpoint import Checkpointer
 from dsm_jax.data import shard_batch
 from dsm_jax.losses import SIGMA_SAMPLING, multiscale_dsm_loss
@@ -326,7 +333,7 @@ def make_dsm_loss_fn(
     :func:`dsm_jax.losses.multiscale_dsm_loss` on
     ``make_model_fn(model, params, scale_by_sigma=...)``.
     """
-    check_sigma_schedule(sigmas, decreasing=False)
+    check_sigma_schedule(sigmas, decreasing=False, monotone=sigma_sampling == "stratified")
     check_parameterization(parameterization)
     check_choice("sigma_sampling", sigma_sampling, SIGMA_SAMPLING)
     get_weighting(weighting)
@@ -639,6 +646,11 @@ def train(
         return jax.lax.scan(body, state, stacked_batches, unroll=unroll)
 
     p_run = jax.pmap(run_steps, axis_name=AXIS, in_axes=(0, 0, None), devices=devices, donate_argnums=(0,))
+    # With dsm_jax.debug_checks() / DSM_JAX_CHECKS=1 the losses add checkify checks of traced
+    # values; they must be functionalised around the compiled step to be reported.
+    checked = runtime_checks_enabled()
+    if checked:
+        p_run = checkify.checkify(p_run)
     base_key = jax.random.key(seed)
 
     log_path = os.path.join(workdir, "metrics.jsonl")
@@ -694,7 +706,15 @@ def train(
                 n = _chunk_length(step, steps_per_call, save_every, num_steps)
                 shards = [_shard(batches.get(s), len(devices), s) for s in range(step, step + n)]
                 stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *shards)
-                state, metrics = p_run(state, stacked, base_key)
+                if checked:
+                    err, (state, metrics) = p_run(state, stacked, base_key)
+                    if err.get() is not None:
+                        raise ValueError(
+                            f"run-time check failed in steps {step}-{step + n - 1} (the batches of those steps): "
+                            f"{err.get()}; stopped before saving."
+                        )
+                else:
+                    state, metrics = p_run(state, stacked, base_key)
                 metrics = jax.device_get(_unreplicate(metrics))
                 bad = _first_nonfinite(metrics, step)
                 if bad is not None:

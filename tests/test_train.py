@@ -557,3 +557,21 @@ if __name__ == "__main__":
         _run(_workdir, toy=_toy(sleep=_sleep), **_kwargs)
     else:
         raise SystemExit(f"unknown mode {_mode!r}")
+
+
+def test_runtime_checks_are_reported_with_the_step(tmp_path):
+    """Under dsm_jax.debug_checks() the losses' checkify checks reach the driver: named, with the steps."""
+    import dsm_jax
+
+    model = NoiseConditionalMLP(width=16, depth=1)
+    x = np.random.default_rng(0).normal(size=(16, 2)).astype(np.float32)
+    params = init_params(model, jax.random.key(0), jnp.asarray(x[:1]))
+    batch_at = lambda s: np.full_like(x, np.nan) if s == 3 else x  # noqa: E731
+    with dsm_jax.debug_checks():
+        loss_fn = make_dsm_loss_fn(model, np.array([1.0, 0.5, 0.1], np.float32), sigma_sampling="all")
+        with pytest.raises(ValueError, match=r"run-time check failed in steps 3-3 .*x must be finite"):
+            train(loss_fn, params, batch_at, workdir=tmp_path, num_steps=6, save_every=100, quiet=True)
+        # without the NaN batch the checked run trains as usual
+        state = train(loss_fn, params, lambda s: x, workdir=tmp_path / "ok", num_steps=4, save_every=100,
+                      quiet=True)
+    assert int(state.step) == 4
