@@ -143,6 +143,13 @@ def check_floating(name: str, x: Any) -> None:
         raise ValueError(f"{name} must be floating point, got dtype {dtype}; cast it, e.g. x.astype(jnp.float32).")
 
 
+def check_state(name: str, x: Any) -> None:
+    """A batched floating-point state or data array ``[B, *D]``; finite at run time with :func:`debug_checks`."""
+    check_batched(name, x)
+    check_floating(name, x)
+    runtime_check_finite(name, x)
+
+
 def check_in_float_range(name: str, value: Any, dtype=jnp.float32) -> None:
     """A concrete positive value is representable in ``dtype``: at most its max, at least its smallest normal.
 

@@ -7,7 +7,10 @@ change of variables gives ``d log p_t(x_t) / dt = -div v(x_t, t)``, so
     ``log p_{t_min}(x) = log p_T(x_T) + int_{t_min}^T div v(x_t, t) dt``.
 
 :func:`log_likelihood` integrates ``x`` and the divergence integral together
-from ``t_min`` to ``T`` with diffrax (Tsit5 + PID controller by default) and
+from ``t_min`` to ``T`` with :func:`dsm_jax.ode.solve` (diffrax; Tsit5 + PID
+controller by default, any solver and controller as objects), on the
+probability-flow field of :meth:`dsm_jax.sde.SDE.probability_flow_drift` and
+the score in time of :func:`dsm_jax.sde.time_score_fn`, and
 evaluates ``log p_T`` with the SDE's prior. The divergence is exact (one
 ``jax.jvp`` per dimension, :func:`dsm_jax.divergence.exact_divergence`) or a
 Hutchinson estimate whose probe is drawn once and kept fixed along the whole
@@ -33,15 +36,14 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Sequence
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
+from dsm_jax import ode
 from dsm_jax._checks import check_batched, check_choice, check_positive_int
 from dsm_jax.divergence import PROBES, exact_divergence_and_value, hutchinson_divergence_and_value
 from dsm_jax.parameterization import ModelFn
-from dsm_jax.samplers import _check_model_input, _check_ode_options, _ode_drift, _solve_ode, _time_grid, _time_score_fn
-from dsm_jax.sde import SDE
+from dsm_jax.sde import SDE, check_score_input, time_score_fn
 
 __all__ = ["log_likelihood", "bits_per_dim", "uniform_dequantization_offset", "uniform_dequantize"]
 
@@ -57,15 +59,16 @@ def log_likelihood(
     trace: str = "exact",
     num_probes: int = 1,
     probe: str = "rademacher",
-    rtol=1e-5,
-    atol=1e-5,
+    rtol=None,
+    atol=None,
     t_min=None,
     num_steps: Optional[int] = None,
     solver=None,
-    max_steps: int = 4096,
+    max_steps: int = ode.DEFAULT_MAX_STEPS,
     parameterization: str = "score",
     chunk_size: Optional[int] = None,
     prior_log_prob: Optional[Callable[[jax.Array], jax.Array]] = None,
+    stepsize_controller=None,
 ) -> jax.Array:
     """``log p_{t_min}(x)`` in nats, per example, via the probability-flow ODE.
 
@@ -81,14 +84,17 @@ def log_likelihood(
             (``num_probes`` jvps; the probes are fixed along the trajectory).
         num_probes: Hutchinson probes averaged.
         probe: "rademacher" or "gaussian".
-        rtol, atol: tolerances of the adaptive solver (on ``x`` and the integral).
+        rtol, atol: tolerances of the default adaptive controller (on ``x``
+            and the integral; 1e-5 each).
         t_min: start time (default ``sde.t_min``).
-        num_steps: fixed steps instead of adaptive ones.
-        solver: a diffrax solver (default ``Tsit5``).
+        num_steps: fixed steps instead of adaptive ones (``diffrax.ConstantStepSize()``).
+        solver: a diffrax solver (default ``diffrax.Tsit5()``).
         max_steps: step budget of the adaptive solver.
         parameterization: "score", "eps", "x0" or "energy".
         chunk_size: chunking of the exact trace's basis (memory bound).
         prior_log_prob: ``z [B, *D] -> [B]``; default ``sde.prior_log_prob``.
+        stepsize_controller: a diffrax step-size controller (default
+            ``PIDController(rtol, atol)``); a ``ConstantStepSize()`` needs ``num_steps``.
 
     Returns:
         ``[B]`` log-densities in nats. Divide by ``-D log 2`` (and add the
@@ -102,16 +108,19 @@ def log_likelihood(
     check_choice("trace", trace, TRACES)
     check_choice("probe", probe, PROBES)
     check_positive_int("num_probes", num_probes)
-    _check_ode_options(rtol, atol, num_steps, max_steps)
     if trace == "hutchinson" and key is None:
         raise ValueError("key must be a PRNG key when trace='hutchinson', got None.")
-    _check_model_input(model_fn, sde, x, parameterization, "x")
-    ts = _time_grid(sde, 1, None, t_min)
+    score_fn = time_score_fn(model_fn, sde, parameterization=parameterization)
+    check_score_input(score_fn, sde, x, name="x")
+    ts = sde.time_grid(1, t_min=t_min)
     t0, t1 = ts[-1], ts[0]  # forward in time: t_min -> T
-    drift = _ode_drift(_time_score_fn(model_fn, sde, parameterization), sde)
+    options = ode.ode_options(
+        t0, t1, rtol=rtol, atol=atol, num_steps=num_steps, solver=solver,
+        stepsize_controller=stepsize_controller, max_steps=max_steps,
+    )
 
-    def vector_field(t, state, args):
-        field = lambda y: drift(y, t)
+    def vector_field(t, state):
+        field = lambda y: sde.probability_flow_drift(y, t, score_fn(y, t))
         if trace == "exact":
             div, v = exact_divergence_and_value(field, state[0], chunk_size=chunk_size)
         else:
@@ -120,10 +129,7 @@ def log_likelihood(
         return v, div
 
     y0 = (x, jnp.zeros((x.shape[0],), x.dtype))
-    sol, _ = _solve_ode(
-        vector_field, y0, t0, t1, solver=solver, rtol=rtol, atol=atol, num_steps=num_steps,
-        max_steps=max_steps, saveat=diffrax.SaveAt(t1=True),
-    )
+    sol, _ = ode.solve(vector_field, y0, t0, t1, **options)
     x_T, integral = sol.ys[0][-1], sol.ys[1][-1]
     prior = sde.prior_log_prob if prior_log_prob is None else prior_log_prob
     return prior(x_T) + integral

@@ -29,26 +29,55 @@ All three are immutable pytrees (``flax.struct.dataclass``): their numeric
 parameters are leaves, ``T`` and ``t_min`` static. Times ``t`` may be a
 scalar or ``[B]``; results have the shape of ``t`` (coefficients) or of ``x``.
 
+The reverse-time pieces (what score_sde's ``SDE.reverse`` holds) are public
+here, shared by the samplers and the likelihood: :meth:`SDE.time_grid` (the
+decreasing grid from ``T`` to ``t_min``), :func:`time_score_fn` (a model in
+sigma as a score in time, the one conversion of its parameterization),
+:meth:`SDE.reverse_drift` (``f - g^2 s``, Anderson 1982) and
+:meth:`SDE.probability_flow_drift` (``f - g^2 s / 2``).
+
 References:
     Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole, "Score-based
     generative modeling through stochastic differential equations", ICLR 2021.
     Ho, Jain & Abbeel, "Denoising diffusion probabilistic models", NeurIPS 2020.
+    Anderson, "Reverse-time diffusion equation models", Stochastic Processes
+    and their Applications 1982.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Callable, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dsm_jax._checks import check_batched, check_positive_number, is_concrete
-from dsm_jax.parameterization import expand_to
+from dsm_jax._checks import (
+    check_batched,
+    check_positive_int,
+    check_positive_number,
+    check_same_shape,
+    check_state,
+    is_concrete,
+)
+from dsm_jax.parameterization import ModelFn, broadcast_sigma, check_parameterization, expand_to, score_from_model
 
-__all__ = ["SDE", "VESDE", "VPSDE", "SubVPSDE", "exact_score_model"]
+__all__ = [
+    "SDE",
+    "VESDE",
+    "VPSDE",
+    "SubVPSDE",
+    "TimeScoreFn",
+    "check_score_input",
+    "check_sde",
+    "exact_score_model",
+    "time_score_fn",
+]
+
+TimeScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+"""``score_fn(x, t) -> [B, *D]``: the score of the marginal ``p_t``, ``t`` a scalar or ``[B]``."""
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -83,6 +112,11 @@ def _t_like(t, dtype=None) -> jax.Array:
     return jnp.asarray(t, dtype=dtype if dtype is not None else jnp.result_type(float))
 
 
+def _per_example(value, x: jax.Array) -> jax.Array:
+    """A coefficient of ``t`` (scalar or ``[B]``) as ``[B, 1, ...]`` to broadcast against ``x``."""
+    return expand_to(broadcast_sigma(value, x), x)
+
+
 class SDE:
     """Base class: a linear SDE ``dx = f(x, t) dt + g(t) dw`` with a Gaussian prior.
 
@@ -106,12 +140,48 @@ class SDE:
 
     def drift(self, x: jax.Array, t) -> jax.Array:
         """``f(x, t)``, shape of ``x``; ``t`` a scalar or ``[B]``."""
-        c = _t_like(self.drift_coefficient(t), x.dtype)
-        return expand_to(jnp.broadcast_to(c.reshape(-1), (x.shape[0],)), x) * x
+        return _per_example(self.drift_coefficient(t), x) * x
 
-    def sde(self, x: jax.Array, t) -> Tuple[jax.Array, jax.Array]:
-        """``(f(x, t), g(t))``."""
-        return self.drift(x, t), self.diffusion(t)
+    # -- reverse time -------------------------------------------------------
+    def time_grid(self, num_steps: int, *, t_min=None, t_start=None) -> jax.Array:
+        """The uniform decreasing grid ``t_k = t_start - k (t_start - t_min) / num_steps``, ``[num_steps + 1]``.
+
+        Args:
+            num_steps: number of intervals, ``>= 1``.
+            t_min: the end time (default :attr:`t_min`), ``> 0``.
+            t_start: the start time (default :attr:`T`), ``> t_min``.
+
+        Returns:
+            ``[num_steps + 1]`` float32 times from ``t_start`` to ``t_min``.
+
+        Example:
+            >>> VESDE(0.01, 10.0, t_min=0.2).time_grid(4).tolist()
+            [1.0, 0.800000011920929, 0.6000000238418579, 0.4000000059604645, 0.20000000298023224]
+        """
+        num_steps = check_positive_int("num_steps", num_steps)
+        t_min = self.t_min if t_min is None else t_min
+        t_start = self.T if t_start is None else t_start
+        check_positive_number("t_min", t_min)
+        if is_concrete(t_min) and is_concrete(t_start) and not np.all(np.asarray(t_min) < np.asarray(t_start)):
+            raise ValueError(f"t_min must be smaller than the start time {t_start!r}, got t_min={t_min!r}.")
+        return jnp.linspace(jnp.asarray(t_start, jnp.float32), jnp.asarray(t_min, jnp.float32), num_steps + 1)
+
+    def reverse_drift(self, x: jax.Array, t, score: jax.Array) -> jax.Array:
+        """The drift ``f(x, t) - g(t)^2 s(x, t)`` of the reverse-time SDE.
+
+        The reverse of ``dx = f dt + g dw`` is ``dx = [f - g^2 grad log p_t] dt
+        + g dw_bar`` run from ``T`` down to 0 (Anderson 1982; Song et al. 2021,
+        Eq. 6); ``score`` is ``s(x, t) = grad log p_t(x)``, the shape of ``x``.
+        """
+        return self.drift(x, t) - _per_example(self.diffusion(t), x) ** 2 * score
+
+    def probability_flow_drift(self, x: jax.Array, t, score: jax.Array) -> jax.Array:
+        """The probability-flow vector field ``f(x, t) - g(t)^2 s(x, t) / 2``.
+
+        ``dx/dt`` of this ODE has the marginals ``p_t`` of the SDE at every
+        ``t`` (Song et al. 2021, Eq. 13); ``score`` is ``s(x, t)``.
+        """
+        return self.drift(x, t) - 0.5 * _per_example(self.diffusion(t), x) ** 2 * score
 
     # -- the marginal ------------------------------------------------------
     def marginal(self, t) -> Tuple[jax.Array, jax.Array]:
@@ -342,6 +412,64 @@ class SubVPSDE(_BetaSchedule):
         return self._t_from_integrated_beta(-2.0 * jnp.log(a))
 
 
+def check_sde(sde) -> SDE:
+    """``sde`` is a :class:`SDE` (raises ``ValueError`` naming it otherwise)."""
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be a dsm_jax.sde.SDE (VESDE, VPSDE, SubVPSDE), got {sde!r}.")
+    return sde
+
+
+def time_score_fn(model_fn: ModelFn, sde: SDE, *, parameterization: str = "score") -> TimeScoreFn:
+    """A noise-conditional model as the score in time: ``score_fn(x, t) -> [B, *D]``.
+
+    ``score_fn(x, t) = S(model_fn(x, sigma(t)))`` with ``(scale(t), sigma(t)) =
+    sde.marginal(t)`` and ``S`` the parameterization's map to a score
+    (:func:`dsm_jax.parameterization.score_from_model`; "x0" uses
+    ``scale(t)``): the model stays conditioned on sigma, the SDE maps time to
+    sigma. This is where the samplers and the likelihood convert a model,
+    once; everything after works on a score.
+
+    Args:
+        model_fn: ``model_fn(x, sigma) -> out`` with ``sigma: [B]``.
+        sde: a :class:`SDE`.
+        parameterization: "score", "eps", "x0" or "energy" (what ``model_fn`` outputs).
+
+    Returns:
+        ``score_fn(x, t)``, ``t`` a scalar or ``[B]``.
+
+    Example:
+        >>> sde = VESDE(0.01, 10.0)
+        >>> eps_model = lambda x, sigma: jnp.ones_like(x)                 # predicts eps = 1
+        >>> score_fn = time_score_fn(eps_model, sde, parameterization="eps")
+        >>> bool(jnp.allclose(score_fn(jnp.zeros((1, 2)), 1.0), -1.0 / 10.0))   # -eps / sigma(T)
+        True
+    """
+    check_sde(sde)
+    check_parameterization(parameterization)
+
+    def score_fn(x, t):
+        scale, sigma = sde.marginal(t)
+        return score_from_model(
+            model_fn, x, broadcast_sigma(sigma, x), parameterization=parameterization, scale=broadcast_sigma(scale, x)
+        )
+
+    return score_fn
+
+
+def check_score_input(score_fn: TimeScoreFn, sde: SDE, x: jax.Array, *, name: str = "x") -> None:
+    """Static checks of an ODE/SDE state before any loop is traced.
+
+    ``x`` is a batched floating-point array (finite at run time with
+    :func:`dsm_jax.debug_checks`) and ``score_fn(x, t)`` returns its shape; the
+    model is traced abstractly (``jax.eval_shape``), so a wrong output shape
+    raises ``ValueError`` ("model_fn returned shape ...") before tracing.
+    """
+    check_sde(sde)
+    check_state(name, x)
+    out = jax.eval_shape(score_fn, x, jnp.asarray(sde.T, jnp.float32))
+    check_same_shape("model_fn", out, x.shape, f"the shape of {name}, {tuple(x.shape)}")
+
+
 def exact_score_model(distribution, sde: SDE):
     """A closed-form ``model_fn(x, sigma)`` ("score" parameterization) for an SDE.
 
@@ -359,8 +487,7 @@ def exact_score_model(distribution, sde: SDE):
         >>> model_fn(jnp.zeros((3, 2)), jnp.full((3,), 0.5)).shape
         (3, 2)
     """
-    if not isinstance(sde, SDE):
-        raise ValueError(f"sde must be a dsm_jax.sde.SDE, got {sde!r}.")
+    check_sde(sde)
 
     def model_fn(x, sigma):
         sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype).reshape(-1), (x.shape[0],))

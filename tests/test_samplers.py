@@ -432,15 +432,15 @@ def test_parameterizations_give_the_same_samples():
 
 def test_annealed_langevin_noise_drawn_up_front_or_per_step_is_the_same(monkeypatch):
     """A level's noise drawn before its steps (small problems) uses the same keys as drawing it step by step."""
-    import dsm_jax.samplers as samplers
+    import dsm_jax.samplers.langevin as langevin_module
 
     score = lambda x, sigma: -x / (1.0 + sigma[:, None] ** 2)
     x0 = jax.random.normal(jax.random.key(0), (16, 3)) * 3.0
     sigmas = jnp.array([3.0, 1.0, 0.3])
-    run = lambda: samplers.annealed_langevin(score, x0, jax.random.key(1), sigmas, steps_per_sigma=7, step_lr=0.05,
-                                             return_trajectory=True, trajectory_every=3)
+    run = lambda: S.annealed_langevin(score, x0, jax.random.key(1), sigmas, steps_per_sigma=7, step_lr=0.05,
+                                      return_trajectory=True, trajectory_every=3)
     up_front = run()
-    monkeypatch.setattr(samplers, "PREDRAW_ELEMENTS", 0)
+    monkeypatch.setattr(langevin_module, "PREDRAW_ELEMENTS", 0)
     per_step = run()
     np.testing.assert_allclose(up_front[0], per_step[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(up_front[1], per_step[1], rtol=1e-5, atol=1e-5)
