@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dsm_jax._checks import check_positive_int
+from dsm_jax.models._inputs import check_inputs
 from dsm_jax.models.embeddings import SigmaEmbedding
 
 _zeros = nn.initializers.zeros
@@ -66,7 +67,7 @@ class NoiseConditionalMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
-        _check_inputs(x, sigma, min_ndim=2)
+        check_inputs(x, sigma, min_ndim=2)
         emb = SigmaEmbedding(self.width, self.embed_dim, self.embedding, self.fourier_scale)(sigma)
         flat = x.reshape(x.shape[0], -1)
         h = nn.Dense(self.width)(flat)
@@ -76,10 +77,3 @@ class NoiseConditionalMLP(nn.Module):
         out = nn.Dense(flat.shape[-1], kernel_init=_zeros if self.zero_init_output else nn.linear.default_kernel_init)(h)
         return out.reshape(x.shape)
 
-
-def _check_inputs(x: jax.Array, sigma: jax.Array, *, min_ndim: int) -> None:
-    """x is [B, *D] with at least ``min_ndim`` dims; sigma is [B]."""
-    if x.ndim < min_ndim:
-        raise ValueError(f"x must have at least {min_ndim} dims [B, ...], got shape {x.shape}.")
-    if jnp.shape(sigma) != (x.shape[0],):
-        raise ValueError(f"sigma must have shape [B]=({x.shape[0]},), got shape {jnp.shape(sigma)}.")

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from dsm_jax._checks import check_positive_int
+from dsm_jax.models._inputs import check_inputs
 from dsm_jax.models.embeddings import SigmaEmbedding
-from dsm_jax.models.mlp import _check_inputs
 
 
 class ConditionalResBlock(nn.Module):
@@ -113,7 +113,7 @@ class UNet(nn.Module):
     def __call__(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"x must be channels-last images [B, H, W, C], got shape {x.shape}.")
-        _check_inputs(x, sigma, min_ndim=4)
+        check_inputs(x, sigma, min_ndim=4)
         factor = 2 ** (len(self.channel_mults) - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(
