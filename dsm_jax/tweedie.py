@@ -20,17 +20,14 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from dsm_jax._checks import check_batched, check_floating, check_same_shape, check_sigma
-from dsm_jax.parameterization import ModelFn, broadcast_sigma, expand_to, score_from_model
+from dsm_jax.parameterization import ModelFn, ScoreFn, as_score_fn, broadcast_sigma, expand_to
 
 __all__ = ["posterior_mean", "posterior_covariance", "denoise"]
-
-ScoreFn = Callable[[jax.Array], jax.Array]
 
 
 def _per_example(value, x: jax.Array, name: str) -> jax.Array:
@@ -119,8 +116,8 @@ def posterior_covariance(score_fn: ScoreFn, x_noisy: jax.Array, sigma, *, scale=
 def denoise(model_fn: ModelFn, x_noisy: jax.Array, sigma, *, parameterization: str = "score", scale=1.0) -> jax.Array:
     """The denoiser of a trained model: Tweedie's ``E[x | y]`` with its score.
 
-    ``model_fn(y, sigma)`` is converted to a score with
-    :func:`dsm_jax.parameterization.score_from_model`; an "x0" model thus
+    ``model_fn(y, sigma)`` is converted to a score once, with
+    :func:`dsm_jax.parameterization.as_score_fn`; an "x0" model thus
     returns its own output, an "eps" model ``(y - sigma eps_hat) / scale``.
 
     Args:
@@ -136,5 +133,5 @@ def denoise(model_fn: ModelFn, x_noisy: jax.Array, sigma, *, parameterization: s
     check_batched("x_noisy", x_noisy)
     check_floating("x_noisy", x_noisy)
     check_sigma(sigma, x_noisy.shape[0])
-    score_fn = lambda y: score_from_model(model_fn, y, sigma, parameterization=parameterization, scale=scale)
-    return posterior_mean(score_fn, x_noisy, sigma, scale=scale)
+    score_fn = as_score_fn(model_fn, parameterization=parameterization, scale=scale)
+    return posterior_mean(lambda y: score_fn(y, sigma), x_noisy, sigma, scale=scale)
