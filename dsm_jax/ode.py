@@ -46,7 +46,8 @@ def solver_evaluations(solver) -> Optional[Tuple[int, int]]:
     """``(evaluations per step, one-off evaluations)`` of a diffrax solver, or None when unknown.
 
     ``Euler`` is ``(1, 0)``; an explicit Runge-Kutta tableau with ``s`` stages
-    is ``(s, 0)``, or ``(s - 1, 1)`` when it is FSAL (Tsit5: ``(6, 1)``).
+    is ``(s, 0)``, or ``(s - 1, 1)`` when it is FSAL (Tsit5: ``(6, 1)``);
+    implicit solvers (whose Newton iterations vary) are None.
 
     Example:
         >>> solver_evaluations(diffrax.Tsit5()), solver_evaluations(diffrax.Heun())
@@ -54,11 +55,10 @@ def solver_evaluations(solver) -> Optional[Tuple[int, int]]:
     """
     if isinstance(solver, diffrax.Euler):
         return 1, 0
-    tableau = getattr(solver, "tableau", None)
-    if tableau is None or not hasattr(tableau, "c") or not hasattr(tableau, "fsal"):
-        return None
-    stages = len(tableau.c) + 1
-    return (stages - 1, 1) if tableau.fsal else (stages, 0)
+    if not isinstance(solver, diffrax.AbstractERK):
+        return None  # implicit and other solvers: the cost of a step is not fixed
+    stages = len(solver.tableau.c) + 1
+    return (stages - 1, 1) if solver.tableau.fsal else (stages, 0)
 
 
 def solve(
