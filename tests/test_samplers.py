@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import checkify, io_callback
+import diffrax
 
 from dsm_jax import debug_checks
 from dsm_jax import samplers as S
@@ -273,14 +274,66 @@ def _counting_model():
         lambda m, x, k: S.ddim(m, VPSDE(), x, num_steps=9, final_denoise=False, parameterization="score"),
         lambda m, x, k: S.probability_flow_ode(m, VPSDE(), x),
         lambda m, x, k: S.probability_flow_ode(m, VESDE(), x, num_steps=12),
+        lambda m, x, k: S.probability_flow_ode(
+            m, VPSDE(), x, solver=diffrax.Heun(), stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)
+        ),
+        lambda m, x, k: S.langevin(lambda z: m(z, jnp.ones(z.shape[0])), x, k, step_size=0.1, num_steps=6,
+                                   return_result=True),
+        lambda m, x, k: S.annealed_langevin(m, x, k, _SIG, steps_per_sigma=4, step_lr=0.01, return_result=True),
+        lambda m, x, k: S.annealed_langevin(m, x, k, _SIG, steps_per_sigma=3, step_lr=0.01, final_denoise=False,
+                                            return_trajectory=True, return_result=True),
+        lambda m, x, k: S.inpaint_annealed_langevin(m, x, jnp.array([1.0, 0.0]), k, _SIG, steps_per_sigma=2,
+                                                    step_lr=0.01, return_result=True),
     ],
-    ids=["em", "pc", "ddim", "ode_adaptive", "ode_fixed"],
+    ids=["em", "pc", "ddim", "ode_adaptive", "ode_fixed", "ode_heun_pid", "langevin", "annealed",
+         "annealed_traj", "inpaint_annealed"],
 )
 def test_nfe_counts_model_evaluations(run):
+    """Every sampler reports its model evaluations one way, SampleResult.nfe (the Langevin ones with
+    return_result=True), equal to the executions counted by a host callback."""
     model, calls = _counting_model()
     out = jax.jit(lambda x, k: run(model, x, k))(jnp.ones((4, 2)), jax.random.key(0))
     jax.block_until_ready(out.samples)
+    assert isinstance(out, S.SampleResult)
     assert int(out.nfe) == calls[0] > 0
+
+
+def test_return_result_keeps_the_langevin_samples_and_trajectory():
+    """return_result=True returns the same samples (and trajectory) as the NCSN contract's array / tuple."""
+    x0, key = jnp.ones((5, 2)), jax.random.key(3)
+    walk = lambda **kw: S.langevin(lambda z: -z, x0, key, step_size=0.1, num_steps=10, **kw)
+    x, traj = walk(return_trajectory=True, trajectory_every=4)
+    out = walk(return_trajectory=True, trajectory_every=4, return_result=True)
+    np.testing.assert_array_equal(out.samples, x)
+    np.testing.assert_array_equal(out.trajectory, traj)
+    assert walk(return_result=True).trajectory is None and int(walk(return_result=True).nfe) == 10
+    anneal = lambda **kw: S.annealed_langevin(_linear_model, x0, key, _SIG, steps_per_sigma=4, step_lr=0.01, **kw)
+    out = anneal(return_result=True)
+    np.testing.assert_array_equal(out.samples, anneal())
+    assert out.trajectory is None and int(out.nfe) == 3 * 4 + 1
+    mask = jnp.array([1.0, 0.0])
+    inpaint = lambda **kw: S.inpaint_annealed_langevin(_linear_model, x0, mask, key, _SIG, steps_per_sigma=2,
+                                                       step_lr=0.01, final_denoise=False, **kw)
+    out = inpaint(return_result=True)
+    np.testing.assert_array_equal(out.samples, inpaint())
+    np.testing.assert_array_equal(out.samples[:, 0], x0[:, 0])  # the known entries are the observation
+    assert int(out.nfe) == 3 * 2
+
+
+def test_probability_flow_ode_takes_solver_and_controller_objects():
+    """num_steps=N is ConstantStepSize with N steps; rtol/atol are a PIDController; any diffrax
+    solver and controller are passed as objects and give the same answer as the keywords."""
+    sde, x = VPSDE(), jax.random.normal(jax.random.key(0), (6, 2))
+    run = lambda **kw: S.probability_flow_ode(_linear_model, sde, x, **kw)
+    fixed, fixed_obj = run(num_steps=12), run(num_steps=12, stepsize_controller=diffrax.ConstantStepSize())
+    np.testing.assert_array_equal(fixed.samples, fixed_obj.samples)
+    assert int(fixed.nfe) == int(fixed_obj.nfe) == 6 * 12 + 1 + 1  # Tsit5 (FSAL) steps, then Tweedie
+    tol, tol_obj = run(rtol=1e-3, atol=1e-4), run(stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-4))
+    np.testing.assert_array_equal(tol.samples, tol_obj.samples)
+    heun = run(num_steps=40, solver=diffrax.Heun())
+    assert int(heun.nfe) == 2 * 40 + 1
+    # Heun with 40 steps is within its O(dt^2) error (0.3% here) of the adaptive Tsit5 solve.
+    np.testing.assert_allclose(heun.samples, run().samples, rtol=1e-2)
 
 
 # ---------------------------------------------------------------------------
@@ -379,6 +432,11 @@ _bad_shape_model = lambda x, sigma: x[:, :1]
         (lambda: S.predictor_corrector(_linear_model, VESDE(), _X, _K, num_steps=5, corrector_steps=-1),
          "corrector_steps"),
         (lambda: S.probability_flow_ode(_linear_model, VESDE(), _X, rtol=-1.0), "rtol"),
+        (lambda: S.probability_flow_ode(_linear_model, VESDE(), _X, solver="tsit5"), "solver"),
+        (lambda: S.probability_flow_ode(_linear_model, VESDE(), _X, stepsize_controller=diffrax.ConstantStepSize()),
+         "num_steps"),
+        (lambda: S.probability_flow_ode(_linear_model, VESDE(), _X, rtol=1e-3,
+                                        stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)), "rtol"),
         (lambda: S.probability_flow_ode(_bad_shape_model, VESDE(), _X), "model_fn"),
         (lambda: S.ddpm(_linear_model, VPSDE(), _X, _K, num_steps=5, variance="large"), "variance"),
         (lambda: S.ddim(_linear_model, VPSDE(), _X, None, num_steps=5, eta=0.5), "key"),

@@ -9,7 +9,7 @@ import pytest
 
 from dsm_jax.distributions import Gaussian, GaussianMixture
 from dsm_jax.losses import sde_dsm_loss
-from dsm_jax.sde import SDE, SubVPSDE, VESDE, VPSDE, exact_score_model
+from dsm_jax.sde import SDE, SubVPSDE, VESDE, VPSDE, check_score_input, exact_score_model, time_score_fn
 
 SDES = [VESDE(0.01, 20.0), VPSDE(0.1, 20.0), SubVPSDE(0.1, 20.0)]
 IDS = ["ve", "vp", "subvp"]
@@ -99,6 +99,68 @@ def test_pytree_jit_vmap_immutable():
 def test_bad_input(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ---------------------------------------------------------------------------
+# Reverse-time pieces
+# ---------------------------------------------------------------------------
+
+
+def test_time_grid():
+    sde = VPSDE(0.1, 20.0, t_min=1e-3)
+    ts = sde.time_grid(4)
+    np.testing.assert_allclose(ts, [1.0, 0.75025, 0.5005, 0.25075, 1e-3], rtol=1e-6)
+    np.testing.assert_allclose(sde.time_grid(2, t_min=0.2, t_start=0.6), [0.6, 0.4, 0.2], rtol=1e-6)
+    for kwargs, match in [(dict(num_steps=0), "num_steps"), (dict(num_steps=3, t_min=1.5), "t_min"),
+                          (dict(num_steps=3, t_min=-0.1), "t_min")]:
+        with pytest.raises(ValueError, match=match):
+            sde.time_grid(**kwargs)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_probability_flow_drift_is_the_gaussian_transport(sde, x64):
+    """For 1-D data N(m, v) the marginal is N(scale m, V(t)), V = scale^2 v + sigma^2, and the
+    probability flow is the affine transport dx/dt = scale' m + V' / (2 V) (x - scale m)
+    (derivatives by autodiff): the drift built from f, g and the exact score equals it;
+    the reverse drift is f - g^2 s, the flow's f - g^2 s / 2 minus another g^2 s / 2."""
+    m, v = 0.7, 0.4
+    data = Gaussian(jnp.array([m], jnp.float64), jnp.array([[v]], jnp.float64))
+    score_fn = time_score_fn(exact_score_model(data, sde), sde)
+    x = jnp.linspace(-3.0, 3.0, 7, dtype=jnp.float64)[:, None]
+    var = lambda t: sde.scale(t) ** 2 * v + sde.sigma(t) ** 2
+    for t in (0.05, 0.3, 0.8):
+        t = jnp.float64(t)
+        transport = jax.grad(sde.scale)(t) * m + jax.grad(var)(t) / (2 * var(t)) * (x - sde.scale(t) * m)
+        score = score_fn(x, t)
+        np.testing.assert_allclose(sde.probability_flow_drift(x, t, score), transport, rtol=1e-6, atol=1e-9)
+        g2 = sde.diffusion(t) ** 2
+        np.testing.assert_allclose(
+            sde.reverse_drift(x, t, score), sde.probability_flow_drift(x, t, score) - 0.5 * g2 * score, rtol=1e-12
+        )
+        # Per-example times broadcast like scalar ones.
+        per_example = sde.probability_flow_drift(x, jnp.full((7,), t), score)
+        np.testing.assert_allclose(per_example, transport, rtol=1e-6, atol=1e-9)
+
+
+def test_time_score_fn_converts_each_parameterization_once():
+    """eps and x0 models of the exact score give the exact score in time (x0 with scale(t), not 1)."""
+    sde = VPSDE(0.1, 20.0)
+    score_model = exact_score_model(GMM, sde)
+    eps_model = lambda x, s: -s[:, None] * score_model(x, s)
+    x0_model = lambda x, s: (x + s[:, None] ** 2 * score_model(x, s)) / sde.scale_for_sigma(s)[:, None]
+    x, t = jnp.array([[0.3, -0.2], [1.0, 2.0]]), jnp.array([0.2, 0.6])
+    reference = time_score_fn(score_model, sde)(x, t)
+    np.testing.assert_allclose(reference, score_model(x, sde.sigma(t)), rtol=1e-6)
+    for p, model in (("eps", eps_model), ("x0", x0_model)):
+        np.testing.assert_allclose(time_score_fn(model, sde, parameterization=p)(x, t), reference, rtol=1e-4, err_msg=p)
+    with pytest.raises(ValueError, match="parameterization"):
+        time_score_fn(score_model, sde, parameterization="velocity")
+    with pytest.raises(ValueError, match="sde"):
+        time_score_fn(score_model, "vp")
+    with pytest.raises(ValueError, match="model_fn returned shape"):
+        check_score_input(time_score_fn(lambda x, s: x[:, :1], sde), sde, x)
+    with pytest.raises(ValueError, match="x_init must be floating point"):
+        check_score_input(time_score_fn(score_model, sde), sde, x.astype(jnp.int32), name="x_init")
 
 
 # ---------------------------------------------------------------------------
