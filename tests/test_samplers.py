@@ -490,7 +490,10 @@ def test_parameterizations_give_the_same_samples():
 
 def test_annealed_langevin_noise_drawn_up_front_or_per_step_is_the_same(monkeypatch):
     """A level's noise drawn before its steps (small problems) uses the same keys as drawing it step by step."""
-    import dsm_jax.samplers.langevin as langevin_module
+    import importlib
+
+    # The module, not the function dsm_jax.samplers.langevin that the package re-exports.
+    langevin_module = importlib.import_module("dsm_jax.samplers.langevin")
 
     score = lambda x, sigma: -x / (1.0 + sigma[:, None] ** 2)
     x0 = jax.random.normal(jax.random.key(0), (16, 3)) * 3.0
