@@ -9,6 +9,7 @@ that the evaluation count is exactly what the step statistics say. A fixed
 grid of ``N`` steps is ``stepsize_controller=diffrax.ConstantStepSize()`` with
 ``dt0 = (t1 - t0) / N`` (:func:`ode_options` builds it from ``num_steps=N``).
 The probability-flow sampler and the likelihood both solve through here.
+diffrax is imported on the first call, so that ``import dsm_jax`` stays light.
 
 The count ``nfe`` is the number of calls of ``field`` on the whole state
 (:func:`solver_evaluations`): an explicit Runge-Kutta step evaluates one
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
@@ -50,9 +50,12 @@ def solver_evaluations(solver) -> Optional[Tuple[int, int]]:
     implicit solvers (whose Newton iterations vary) are None.
 
     Example:
+        >>> import diffrax
         >>> solver_evaluations(diffrax.Tsit5()), solver_evaluations(diffrax.Heun())
         ((6, 1), (2, 0))
     """
+    import diffrax
+
     if isinstance(solver, diffrax.Euler):
         return 1, 0
     if not isinstance(solver, diffrax.AbstractERK):
@@ -99,6 +102,8 @@ def solve(
         >>> bool(jnp.allclose(sol.ys[-1], jnp.exp(-1.0), rtol=1e-4)), int(nfe)
         (True, 31)
     """
+    import diffrax
+
     solver = diffrax.Tsit5() if solver is None else solver
     if stepsize_controller is None:
         stepsize_controller = diffrax.PIDController(rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL)
@@ -154,6 +159,8 @@ def ode_options(
         >>> type(opts["stepsize_controller"]).__name__, float(opts["dt0"]), opts["max_steps"]
         ('ConstantStepSize', -0.25, 4)
     """
+    import diffrax
+
     max_steps = check_positive_int("max_steps", max_steps)
     if solver is not None and not isinstance(solver, diffrax.AbstractSolver):
         raise ValueError(f"solver must be a diffrax solver, e.g. diffrax.Tsit5(), got {solver!r}.")

@@ -25,8 +25,9 @@ eps-prediction network for the VP SDE is the usual DDPM network.
   ``g = sqrt(beta(t) (1 - exp(-2 B(t))))``, ``scale(t) = exp(-B(t) / 2)``,
   ``sigma(t) = 1 - exp(-B(t))`` (variance below the VP one at every ``t``).
 
-All three are immutable pytrees (``flax.struct.dataclass``): their numeric
-parameters are leaves, ``T`` and ``t_min`` static. Times ``t`` may be a
+All three are immutable pytrees (frozen dataclasses registered with
+``jax.tree_util.register_dataclass``): their numeric parameters are leaves,
+``T`` and ``t_min`` static. Times ``t`` may be a
 scalar or ``[B]``; results have the shape of ``t`` (coefficients) or of ``x``.
 
 The reverse-time pieces (what score_sde's ``SDE.reverse`` holds) are public
@@ -46,13 +47,13 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from dsm_jax._checks import (
     check_batched,
@@ -112,6 +113,16 @@ def _t_like(t, dtype=None) -> jax.Array:
     return jnp.asarray(t, dtype=dtype if dtype is not None else jnp.result_type(float))
 
 
+def _pytree(cls):
+    """A frozen dataclass registered as a JAX pytree; fields made by :func:`_static` are metadata."""
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+def _static(default):
+    """A static (non-leaf) field: part of the tree structure, hashed by ``jit``."""
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
 def _per_example(value, x: jax.Array) -> jax.Array:
     """A coefficient of ``t`` (scalar or ``[B]``) as ``[B, 1, ...]`` to broadcast against ``x``."""
     return expand_to(broadcast_sigma(value, x), x)
@@ -128,6 +139,10 @@ class SDE:
 
     T: float
     t_min: float
+
+    def replace(self, **changes) -> "SDE":
+        """A copy with some fields changed (``dataclasses.replace``; validated like a new SDE)."""
+        return dataclasses.replace(self, **changes)
 
     # -- the SDE ---------------------------------------------------------
     def drift_coefficient(self, t) -> jax.Array:
@@ -233,7 +248,7 @@ class SDE:
         return -0.5 * sq - dim * (jnp.log(std) + 0.5 * _LOG_2PI)
 
 
-@struct.dataclass
+@_pytree
 class VESDE(SDE):
     """Variance exploding SDE (NCSN / SMLD): ``dx = sqrt(d sigma^2(t) / dt) dw``.
 
@@ -255,8 +270,8 @@ class VESDE(SDE):
 
     sigma_min: float = 0.01
     sigma_max: float = 50.0
-    t_min: float = struct.field(pytree_node=False, default=1e-5)
-    T: float = struct.field(pytree_node=False, default=1.0)
+    t_min: float = _static(1e-5)
+    T: float = _static(1.0)
 
     def __post_init__(self):
         _check_positive("sigma_min", self.sigma_min)
@@ -337,7 +352,7 @@ class _BetaSchedule(SDE):
         return 1.0
 
 
-@struct.dataclass
+@_pytree
 class VPSDE(_BetaSchedule):
     """Variance preserving SDE (DDPM): ``dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw``.
 
@@ -359,8 +374,8 @@ class VPSDE(_BetaSchedule):
 
     beta_min: float = 0.1
     beta_max: float = 20.0
-    t_min: float = struct.field(pytree_node=False, default=1e-5)
-    T: float = struct.field(pytree_node=False, default=1.0)
+    t_min: float = _static(1e-5)
+    T: float = _static(1.0)
 
     def diffusion(self, t):
         return jnp.sqrt(self.beta(t))
@@ -378,7 +393,7 @@ class VPSDE(_BetaSchedule):
         return self._t_from_integrated_beta(jnp.log1p(_t_like(ratio) ** 2))
 
 
-@struct.dataclass
+@_pytree
 class SubVPSDE(_BetaSchedule):
     """Sub-VP SDE: ``dx = -beta x / 2 dt + sqrt(beta (1 - exp(-2 B(t)))) dw``.
 
@@ -392,8 +407,8 @@ class SubVPSDE(_BetaSchedule):
 
     beta_min: float = 0.1
     beta_max: float = 20.0
-    t_min: float = struct.field(pytree_node=False, default=1e-5)
-    T: float = struct.field(pytree_node=False, default=1.0)
+    t_min: float = _static(1e-5)
+    T: float = _static(1.0)
 
     def diffusion(self, t):
         return jnp.sqrt(self.beta(t) * -jnp.expm1(-2.0 * self.integrated_beta(t)))

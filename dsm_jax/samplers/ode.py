@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
@@ -76,6 +75,7 @@ def probability_flow_ode(
         plus one for the Tweedie step.
 
     Example:
+        >>> import diffrax
         >>> from dsm_jax.sde import VPSDE
         >>> model_fn = lambda x, sigma: -x                          # the score of N(0, I) at every t
         >>> x_init = VPSDE().prior_sample(jax.random.key(0), (8, 2))
@@ -83,6 +83,8 @@ def probability_flow_ode(
         >>> int(out.nfe)                                            # 2 per Heun step, 1 for Tweedie
         21
     """
+    import diffrax
+
     score_fn = time_score_fn(model_fn, sde, parameterization=parameterization)
     check_score_input(score_fn, sde, x_init, name="x_init")
     ts = sde.time_grid(1, t_min=t_min)
