@@ -110,6 +110,7 @@ def log_likelihood(
     check_positive_int("num_probes", num_probes)
     if trace == "hutchinson" and key is None:
         raise ValueError("key must be a PRNG key when trace='hutchinson', got None.")
+    probe_key = jax.random.key(0) if key is None else key  # only the Hutchinson trace draws probes
     score_fn = time_score_fn(model_fn, sde, parameterization=parameterization)
     check_score_input(score_fn, sde, x, name="x")
     ts = sde.time_grid(1, t_min=t_min)
@@ -125,7 +126,7 @@ def log_likelihood(
             div, v = exact_divergence_and_value(field, state[0], chunk_size=chunk_size)
         else:
             # The same key at every call: the same probes along the whole trajectory.
-            div, v = hutchinson_divergence_and_value(field, state[0], key, num_probes=num_probes, probe=probe)
+            div, v = hutchinson_divergence_and_value(field, state[0], probe_key, num_probes=num_probes, probe=probe)
         return v, div
 
     y0 = (x, jnp.zeros((x.shape[0],), x.dtype))

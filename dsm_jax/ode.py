@@ -39,7 +39,7 @@ DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
 DEFAULT_MAX_STEPS = 4096
 
-Field = Callable[[jax.Array, Any], Any]
+Field = Callable[[Any, Any], Any]  # field(t, y) -> dy/dt, y a pytree
 
 
 def solver_evaluations(solver) -> Optional[Tuple[int, int]]:
@@ -58,10 +58,11 @@ def solver_evaluations(solver) -> Optional[Tuple[int, int]]:
 
     if isinstance(solver, diffrax.Euler):
         return 1, 0
-    if not isinstance(solver, diffrax.AbstractERK):
+    tableau = getattr(solver, "tableau", None)
+    if not isinstance(solver, diffrax.AbstractERK) or not isinstance(tableau, diffrax.ButcherTableau):
         return None  # implicit and other solvers: the cost of a step is not fixed
-    stages = len(solver.tableau.c) + 1
-    return (stages - 1, 1) if solver.tableau.fsal else (stages, 0)
+    stages = len(tableau.c) + 1
+    return (stages - 1, 1) if tableau.fsal else (stages, 0)
 
 
 def solve(
@@ -75,7 +76,7 @@ def solve(
     dt0=None,
     saveat=None,
     max_steps: int = DEFAULT_MAX_STEPS,
-):
+) -> Tuple[Any, jax.Array]:
     """Solves ``dy/dt = field(t, y)`` from ``t0`` to ``t1``; returns ``(solution, nfe)``.
 
     Args:
@@ -190,5 +191,6 @@ def ode_options(
         )
     if constant:
         num_steps = check_positive_int("num_steps", num_steps)
-        return dict(solver=solver, stepsize_controller=stepsize_controller, dt0=(t1 - t0) / num_steps, max_steps=num_steps)
+        dt0 = (t1 - t0) / num_steps
+        return dict(solver=solver, stepsize_controller=stepsize_controller, dt0=dt0, max_steps=num_steps)
     return dict(solver=solver, stepsize_controller=stepsize_controller, dt0=None, max_steps=max_steps)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Tuple
+from typing import Any, Callable, Tuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +142,7 @@ class SDE:
 
     def replace(self, **changes) -> "SDE":
         """A copy with some fields changed (``dataclasses.replace``; validated like a new SDE)."""
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(cast(Any, self), **changes)
 
     # -- the SDE ---------------------------------------------------------
     def drift_coefficient(self, t) -> jax.Array:

@@ -8,7 +8,7 @@ import pytest
 
 from dsm_jax.distributions import Gaussian, GaussianMixture
 from dsm_jax.likelihood import bits_per_dim, log_likelihood, uniform_dequantization_offset, uniform_dequantize
-from dsm_jax.sde import SubVPSDE, VESDE, VPSDE, exact_score_model
+from dsm_jax.sde import VESDE, VPSDE, SubVPSDE, exact_score_model
 
 GAUSS = Gaussian(jnp.array([0.5, -1.0]), jnp.array([[1.0, 0.3], [0.3, 0.5]]))
 GMM = GaussianMixture(jnp.array([0.3, 0.7]), jnp.array([[-1.5, 0.0], [1.0, 1.0]]), jnp.array([[0.4, 0.3], [0.3, 0.2]]))

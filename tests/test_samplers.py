@@ -6,12 +6,12 @@ Statistical checks use fixed keys and tolerances derived from the sample size
 
 import functools
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import checkify, io_callback
-import diffrax
 
 from dsm_jax import debug_checks
 from dsm_jax import samplers as S

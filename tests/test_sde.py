@@ -9,7 +9,7 @@ import pytest
 
 from dsm_jax.distributions import Gaussian, GaussianMixture
 from dsm_jax.losses import sde_dsm_loss
-from dsm_jax.sde import SDE, SubVPSDE, VESDE, VPSDE, check_score_input, exact_score_model, time_score_fn
+from dsm_jax.sde import SDE, VESDE, VPSDE, SubVPSDE, check_score_input, exact_score_model, time_score_fn
 
 SDES = [VESDE(0.01, 20.0), VPSDE(0.1, 20.0), SubVPSDE(0.1, 20.0)]
 IDS = ["ve", "vp", "subvp"]

@@ -77,7 +77,9 @@ def tweedie_at(score_fn: TimeScoreFn, sde: SDE, x: jax.Array, t) -> jax.Array:
     return posterior_mean(lambda y: score_fn(y, t), x, broadcast_sigma(sigma, x), scale=broadcast_sigma(scale, x))
 
 
-def sde_sampler_input(model_fn: ModelFn, sde: SDE, x: jax.Array, num_steps: int, parameterization: str, *, name: str = "x_init"):
+def sde_sampler_input(
+    model_fn: ModelFn, sde: SDE, x: jax.Array, num_steps: int, parameterization: str, *, name: str = "x_init"
+):
     """Checks a sampler's inputs before tracing; returns ``(score_fn(x, t), num_steps)``.
 
     The model is converted to the score in time here, once
