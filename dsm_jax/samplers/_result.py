@@ -1,4 +1,4 @@
-"""What every sampler returns, and the thinned scan that records its trajectory.
+"""What every sampler returns, the thinned scan that records its trajectory, the projection hook.
 
 Trajectories are thinned: with ``trajectory_every=k`` the trajectory holds the
 initial state, the state after every ``k`` steps and the final state (before
@@ -9,14 +9,18 @@ the optional Tweedie step), so memory is ``O(num_steps / k)``. By default
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from dsm_jax._checks import check_positive_int
 
-__all__ = ["SampleResult", "scan", "snapshot_every", "with_start"]
+__all__ = ["Projection", "SampleResult", "scan", "snapshot_every", "with_start"]
+
+Projection = Callable[[jax.Array, Optional[jax.Array], jax.Array], jax.Array]
+"""``project(x, level, key) -> x``, run after every update of a sampler at ``level`` (a time or a
+noise level), and once more with ``level=None`` after the final Tweedie step (inverse problems)."""
 
 
 class SampleResult(NamedTuple):

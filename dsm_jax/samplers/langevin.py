@@ -34,16 +34,13 @@ from dsm_jax._checks import (
     runtime_check_positive,
 )
 from dsm_jax.parameterization import ModelFn, as_score_fn
-from dsm_jax.samplers._result import SampleResult, scan, snapshot_every, with_start
+from dsm_jax.samplers._result import Projection, SampleResult, scan, snapshot_every, with_start
 from dsm_jax.tweedie import posterior_mean
 
 __all__ = ["PREDRAW_ELEMENTS", "annealed_langevin", "annealed_langevin_scan", "check_annealed", "langevin"]
 
 # Annealed Langevin draws a level's noise up front when it has at most this many numbers (16 MiB of float32).
 PREDRAW_ELEMENTS = 1 << 22
-
-# project(x, sigma, key) -> x, run after every step; sigma is None after the final Tweedie step.
-Projection = Callable[[jax.Array, Optional[jax.Array], jax.Array], jax.Array]
 
 
 def _result(x, nfe: int, traj, return_trajectory: bool, return_result: bool):

@@ -39,7 +39,7 @@ import numpy as np
 
 from dsm_jax._checks import check_choice, check_key, check_positive_int, check_positive_number, is_concrete
 from dsm_jax.parameterization import ModelFn, broadcast_sigma, expand_to
-from dsm_jax.samplers._result import SampleResult, scan, snapshot_every, with_start
+from dsm_jax.samplers._result import Projection, SampleResult, scan, snapshot_every, with_start
 from dsm_jax.sde import SDE, TimeScoreFn, check_score_input, time_score_fn
 from dsm_jax.tweedie import posterior_mean
 
@@ -61,8 +61,6 @@ __all__ = [
 ]
 
 Predictor = Callable[..., jax.Array]
-# t -> x after an update at time t (None after the final Tweedie step), run after every update.
-Projection = Callable[[jax.Array, Optional[jax.Array], jax.Array], jax.Array]
 DDPM_VARIANCES = ("beta", "posterior")
 
 
