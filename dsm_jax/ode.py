@@ -165,14 +165,15 @@ def ode_options(
     max_steps = check_positive_int("max_steps", max_steps)
     if solver is not None and not isinstance(solver, diffrax.AbstractSolver):
         raise ValueError(f"solver must be a diffrax solver, e.g. diffrax.Tsit5(), got {solver!r}.")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None:
+            check_positive_number(name, value)
     if stepsize_controller is None:
         if num_steps is not None:
             stepsize_controller = diffrax.ConstantStepSize()
         else:
             rtol = DEFAULT_RTOL if rtol is None else rtol
             atol = DEFAULT_ATOL if atol is None else atol
-            check_positive_number("rtol", rtol)
-            check_positive_number("atol", atol)
             stepsize_controller = diffrax.PIDController(rtol=rtol, atol=atol)
     elif not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
         raise ValueError(f"stepsize_controller must be a diffrax step-size controller, got {stepsize_controller!r}.")

@@ -130,6 +130,7 @@ def test_ode_options_map_the_old_keywords_to_objects():
     [
         (dict(num_steps=0), "num_steps"),
         (dict(rtol=0.0), "rtol"),
+        (dict(rtol=-1.0, num_steps=5), "rtol"),
         (dict(atol=float("nan")), "atol"),
         (dict(max_steps=0), "max_steps"),
         (dict(solver="tsit5"), "solver"),
