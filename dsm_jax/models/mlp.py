@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from dsm_jax._checks import check_positive_int
 from dsm_jax.models._inputs import check_inputs
@@ -46,6 +45,7 @@ class NoiseConditionalMLP(nn.Module):
             outputs 0; common for diffusion networks, keeps early steps stable).
 
     Example:
+        >>> import jax.numpy as jnp
         >>> model = NoiseConditionalMLP(width=64, depth=2)
         >>> x, sigma = jnp.zeros((5, 2)), jnp.ones(5)
         >>> params = model.init(jax.random.key(0), x, sigma)["params"]
