@@ -226,7 +226,7 @@ def plot_score_field(
     ax.quiver(pts[:, 0], pts[:, 1], arrows[:, 0], arrows[:, 1], angles="xy", scale_units="xy", scale=1.0,
               color="#1b1b1b", width=0.004, headwidth=3.5)
     _style_2d(ax, xlim, ylim, title)
-    fig.supxlabel(f"arrows: direction of the score; length normalised, |s| / (|s| + {c:.3g}), {c:.3g} = median |s|",
+    fig.supxlabel(f"arrows: direction of the score, length normalised to |s| / (|s| + c), c = median |s| = {c:.3g}",
                   fontsize=8, color="#555555")
     return _finish(fig, path, dpi)
 
