@@ -74,6 +74,9 @@ def test_install_cell_installs_from_the_repository_only_where_dsm_jax_is_missing
     assert Requirement(requirement).url == "git+https://example.org/fork/dsm_jax@dev"
     (requirement,) = _run_install_cell(monkeypatch, importable=False, source=tmp_path)  # a local clone
     assert requirement == f"{tmp_path}[plots]"
+    monkeypatch.chdir(tmp_path.parent)  # a relative path: made absolute, so pip cannot take it for a package name
+    (requirement,) = _run_install_cell(monkeypatch, importable=False, source=tmp_path.name)
+    assert requirement == f"{tmp_path}[plots]"
     import dsm_jax
 
     assert f"dsm_jax {dsm_jax.__version__}" in capsys.readouterr().out
