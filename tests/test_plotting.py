@@ -90,6 +90,8 @@ def test_losses_from_records_and_jsonl(tmp_path):
     _check_png(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="sigmas has 2 entries but per_sigma_loss has 3"):
         P.plot_losses(path, sigmas=[1.0, 0.1])
+    with pytest.raises(ValueError, match=r"sigmas must be positive, got \[1.0, 0.0, 0.1\]"):
+        P.plot_losses(path, sigmas=[1.0, 0.0, 0.1])  # a log colour scale
     with pytest.raises(ValueError, match="no training records"):
         P.plot_losses([{"event": "start", "step": 0}])
     (tmp_path / "bad.jsonl").write_text('{"step": 1, "loss": 1}\nnot json\n')
