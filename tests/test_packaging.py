@@ -68,7 +68,7 @@ def test_wheel_metadata_matches_pyproject(built):
     assert meta["Name"] == PROJECT["name"] and meta["Version"] == PROJECT["version"]
     assert meta["Description-Content-Type"] == "text/markdown"
     assert meta.get_payload().startswith("# dsm_jax")  # the README is the long description
-    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta["License-Expression"] == "Apache-2.0" and meta.get_all("License-File") == ["LICENSE"]
     assert meta["Requires-Python"] == PROJECT["requires-python"]
     requires = meta.get_all("Requires-Dist")
     assert {r for r in requires if "extra ==" not in r} == set(PROJECT["dependencies"])
@@ -83,11 +83,12 @@ def test_sdist_and_wheel_hold_every_module(built):
     prefix = f"dsm_jax-{PROJECT['version']}/"
     with tarfile.open(sdist) as t:
         in_sdist = {n[len(prefix):] for n in t.getnames() if n.startswith(prefix)}
-    assert {"pyproject.toml", "README.md", *MODULES} <= in_sdist, sorted(set(MODULES) - in_sdist)
+    assert {"pyproject.toml", "README.md", "LICENSE", *MODULES} <= in_sdist, sorted(set(MODULES) - in_sdist)
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         entry_points = z.read(f"dsm_jax-{PROJECT['version']}.dist-info/entry_points.txt").decode()
     assert set(MODULES) <= set(names), sorted(set(MODULES) - set(names))
+    assert f"dsm_jax-{PROJECT['version']}.dist-info/licenses/LICENSE" in names  # the license text ships
     # Only the package and its metadata: no tests, experiments or notebooks installed into site-packages.
     assert {n.split("/")[0] for n in names} == {"dsm_jax", f"dsm_jax-{PROJECT['version']}.dist-info"}
     assert "dsm-jax = dsm_jax.cli:main" in entry_points
