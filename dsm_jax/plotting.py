@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from dsm_jax._checks import check_positive_int
+
 __all__ = [
     "plot_image_grid",
     "plot_losses",
@@ -115,7 +117,9 @@ def _style_2d(ax, xlim: Limits, ylim: Limits, title: Optional[str]):
         ax.set_title(title)
 
 
-def _density_limits(log_prob_fn: Callable[[Any], Any], *, threshold: float = 1e-2, size: int = 65) -> Tuple[Limits, Limits]:
+def _density_limits(
+    log_prob_fn: Callable[[Any], Any], *, threshold: float = 1e-2, size: int = 65
+) -> Tuple[Limits, Limits]:
     """The box holding where ``exp(log_prob_fn)`` exceeds ``threshold`` times its maximum, with a 10% margin.
 
     Searched on a ``size^2`` grid from ``[-3, 3]^2``, doubled (up to 64 times)
@@ -164,11 +168,11 @@ def plot_score_field(
     The background is ``exp(log_prob_fn)`` on a ``resolution^2`` grid when
     ``log_prob_fn`` is given (e.g. the exact density), else a 2-D histogram
     of ``data``, else blank; the colorbar gives its scale. Arrows show the
-    direction of ``s(x)`` on a ``num_arrows^2`` grid; their length is
-    normalised, ``|s| / (|s| + c)`` with ``c`` the median norm on the grid
-    (so it grows like ``|s|`` for small scores and saturates for large
-    ones, and the field stays readable far from the data where scores are
-    huge); a note under the plot says so.
+    direction of ``s(x)`` on a grid of square cells, ``num_arrows`` along
+    the longer side; their length is normalised, ``|s| / (|s| + c)`` with
+    ``c`` the median norm on the grid (so it grows like ``|s|`` for small
+    scores and saturates for large ones, and the field stays readable far
+    from the data where scores are huge); a note under the plot says so.
 
     The default limits crop to the data: from ``data`` when given, else to
     where the density is above 1% of its peak (plus a 10% margin), else
@@ -180,7 +184,7 @@ def plot_score_field(
         log_prob_fn: ``log_prob_fn(x [B, 2]) -> [B]``, optional.
         data: ``[N, 2]`` points for the histogram (and the default limits).
         xlim, ylim: plot limits; default as above.
-        num_arrows: arrows per side.
+        num_arrows: arrows along the longer side (>= 2).
         resolution: heat-map pixels per side.
         title: axes title.
         path: where to write a PNG.
@@ -189,13 +193,16 @@ def plot_score_field(
     Returns:
         The matplotlib ``Figure``.
     """
+    num_arrows = check_positive_int("num_arrows", num_arrows, minimum=2)
     data = None if data is None else _points("data", data)
     if data is None and log_prob_fn is not None and xlim is None and ylim is None:
         xlim, ylim = _density_limits(log_prob_fn)
     default = (-3.0, 3.0)
     xlim = _limits("xlim", xlim if (xlim is not None or data is not None) else default, data, axis=0)
     ylim = _limits("ylim", ylim if (ylim is not None or data is not None) else default, data, axis=1)
-    fig, axes = _figure(size=(5.0, 4.4))
+    # Height from the aspect of the limits (equal axes), so a wide field is not a strip under a tall colorbar.
+    aspect = float(np.clip((ylim[1] - ylim[0]) / (xlim[1] - xlim[0]), 0.4, 2.5))
+    fig, axes = _figure(size=(5.0, 3.6 * aspect + 1.0))
     ax = axes[0, 0]
 
     if log_prob_fn is not None or data is not None:
@@ -205,7 +212,8 @@ def plot_score_field(
             density = np.exp(np.asarray(log_prob_fn(grid), np.float64)).reshape(resolution, resolution)
             label = "density"
         else:
-            bins = resolution // 2
+            # About 4 points per bin along each side's sqrt(N) / 2 bins: a smooth picture, not shot noise.
+            bins = int(np.clip(math.sqrt(len(data)) / 2, 10, resolution // 2))
             counts, _, _ = np.histogram2d(data[:, 1], data[:, 0], bins=bins, range=[ylim, xlim])
             cell_area = (xlim[1] - xlim[0]) * (ylim[1] - ylim[0]) / bins**2
             density = counts / (len(data) * cell_area)  # a density estimate, comparable with a true density
@@ -214,14 +222,18 @@ def plot_score_field(
                           interpolation="bilinear")
         fig.colorbar(image, ax=ax, shrink=0.85, label=label)
 
-    ax_x, ax_y = np.linspace(*xlim, num_arrows), np.linspace(*ylim, num_arrows)
+    # Square cells: num_arrows along the longer side, as many as fit along the other.
+    width, height = xlim[1] - xlim[0], ylim[1] - ylim[0]
+    cell = max(width, height) / (num_arrows - 1)
+    nx, ny = (max(2, int(round(extent / cell)) + 1) for extent in (width, height))
+    ax_x, ax_y = np.linspace(*xlim, nx), np.linspace(*ylim, ny)
     pts = np.stack(np.meshgrid(ax_x, ax_y), axis=-1).reshape(-1, 2).astype(np.float32)
     s = np.asarray(score_fn(pts), np.float64)
     if s.shape != pts.shape:
         raise ValueError(f"score_fn must return shape [B, 2]={pts.shape}, got {s.shape}.")
     norm = np.linalg.norm(s, axis=1, keepdims=True)
     c = max(float(np.median(norm)), 1e-12)
-    cell = min(xlim[1] - xlim[0], ylim[1] - ylim[0]) / (num_arrows - 1)
+    cell = min(width / (nx - 1), height / (ny - 1))
     arrows = 0.9 * cell * s / (norm + c)
     ax.quiver(pts[:, 0], pts[:, 1], arrows[:, 0], arrows[:, 1], angles="xy", scale_units="xy", scale=1.0,
               color="#1b1b1b", width=0.004, headwidth=3.5)
@@ -273,7 +285,8 @@ def plot_samples(
     fig, axes = _figure(1, len(panels), size=(4.2, 4.2 * aspect + 0.5), sharex=True, sharey=True)
     for ax, (pts, color, title) in zip(axes[0], panels):
         _scatter(ax, pts, color, title)
-        outside = int(np.sum((pts[:, 0] < xlim[0]) | (pts[:, 0] > xlim[1]) | (pts[:, 1] < ylim[0]) | (pts[:, 1] > ylim[1])))
+        shown = (pts[:, 0] >= xlim[0]) & (pts[:, 0] <= xlim[1]) & (pts[:, 1] >= ylim[0]) & (pts[:, 1] <= ylim[1])
+        outside = int(np.sum(~shown))
         # Points beyond the limits are not drawn: say how many, so a diffuse sampler is not mistaken for a sparse one.
         _style_2d(ax, xlim, ylim, f"{title} (n = {len(pts)}" + (f", {outside} outside)" if outside else ")"))
     for ax in axes[0, 1:]:
@@ -500,7 +513,7 @@ def plot_losses(
         if key == "per_sigma_loss":
             if sigmas is not None:
                 norm = colors.LogNorm(vmin=float(sigmas.min()), vmax=float(sigmas.max()))
-                if norm.vmin == norm.vmax:  # one level: any colour, an honest colorbar
+                if norm.vmin == norm.vmax:  # one level: LogNorm needs vmin < vmax
                     norm = colors.LogNorm(vmin=norm.vmin / 2, vmax=norm.vmax * 2)
                 values, bar_label = sigmas, "sigma (log scale)"
             else:

@@ -157,6 +157,14 @@ def test_score_field_has_a_colorbar_a_note_on_normalised_arrows_and_crops_to_the
     # Background from data: a histogram density with its colorbar.
     fig = P.plot_score_field(lambda x: -np.asarray(x), data=_two_blobs(), num_arrows=5)
     assert "histogram" in fig.axes[1].get_ylabel()
+    # A wide field: square arrow cells (5 along x, 3 along y) and a figure as wide as the data, not a strip.
+    calls = []
+    fig = P.plot_score_field(lambda x: calls.append(len(x)) or -np.asarray(x), xlim=(-2, 2), ylim=(-1, 1), num_arrows=5)
+    assert calls == [15]
+    width, height = fig.get_size_inches()
+    assert height < 0.75 * width
+    with pytest.raises(ValueError, match="num_arrows must be an integer >= 2, got 1"):
+        P.plot_score_field(lambda x: -np.asarray(x), num_arrows=1)
 
 
 def test_figures_display_as_png_in_ipython():
