@@ -37,7 +37,8 @@ def test_committed_notebook_is_stripped_and_has_the_install_cell(path):
             assert cell["outputs"] == [] and cell["execution_count"] is None, path.name
     assert _code_cells(path)[0] == _code_cells(NOTEBOOKS[0])[0]  # one install cell, tested below
     assert "/work/" not in path.read_text() and "/home/" not in path.read_text()  # no local paths
-    colab = f"https://colab.research.google.com/github/{_repository().split('github.com/')[1]}/blob/main/notebooks/{path.name}"
+    repository = _repository().split("github.com/")[1]
+    colab = f"https://colab.research.google.com/github/{repository}/blob/main/notebooks/{path.name}"
     assert colab in path.read_text() and colab in (ROOT / "README.md").read_text()
 
 

@@ -1,4 +1,4 @@
-"""The package is publishable: the sdist and wheel build, their metadata pass ``twine check``, and they hold every module.
+"""The package is publishable: sdist and wheel build, their metadata pass ``twine check``, they hold every module.
 
 ``python -m build`` builds the sdist and then the wheel *from the sdist*, so a
 module missing from the sdist fails the wheel check too. It runs without an
@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 # Every module of the package, as a path relative to the project root.
-MODULES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "dsm_jax").rglob("*.py") if "__pycache__" not in p.parts)
+MODULES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "dsm_jax").rglob("*.py")
+                 if "__pycache__" not in p.parts)
 # What a work tree may hold that is not the project (caches, runs, earlier builds).
 NOT_PROJECT = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "__pycache__", ".pytest_cache",
                                      ".ipynb_checkpoints", "*.egg-info", "workdir*")
