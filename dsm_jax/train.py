@@ -324,7 +324,7 @@ def make_dsm_loss_fn(
     *,
     weighting: Weighting = "sigma2",
     parameterization: str = "score",
-    sigma_sampling: str = "all",
+    sigma_sampling: str = "stratified",
     scale_by_sigma: bool = False,
 ) -> LossFn:
     """Multi-scale DSM of a Flax module as ``loss_fn(params, x, key) -> (loss, {"per_sigma_loss": [L]})``.
@@ -332,6 +332,21 @@ def make_dsm_loss_fn(
     ``loss = sum_i lambda(sigma_i) L(sigma_i) / L`` by
     :func:`dsm_jax.losses.multiscale_dsm_loss` on
     ``make_model_fn(model, params, scale_by_sigma=...)``.
+
+    ``sigma_sampling`` defaults to "stratified", as the CLI: every example
+    at every level, each level jittered log-uniformly inside its cell of the
+    grid, so the model is also trained between the levels, where the
+    reverse-SDE and probability-flow ODE samplers query it. "all" (the
+    exact levels) suffices for annealed Langevin, which only queries the
+    grid, but not for the ODE: on a 3-D, 4-component mixture (weights
+    0.4/0.3/0.2/0.1, 1000 steps) the ODE's samples were 68-102 MMD floors
+    away with mode weights flattened to 0.25-0.27 for 0.4 (at
+    ``fourier_scale=16`` while every per-sigma Fisher divergence at the grid
+    levels was below 0.09); with "stratified", 2.7 floors and 0.37 (the
+    exact score gives 0.37 from this prior). Both cost L model evaluations per example; "random" (one
+    level per example) costs 1 and suits models whose step is expensive
+    (the digits U-Net). Stratified levels want a smooth sigma embedding:
+    see ``fourier_scale`` of :class:`dsm_jax.models.NoiseConditionalMLP`.
     """
     check_sigma_schedule(sigmas, decreasing=False, monotone=sigma_sampling == "stratified")
     check_parameterization(parameterization)
