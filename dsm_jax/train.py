@@ -363,8 +363,13 @@ def make_multi_step(train_step: Callable, *, unroll: Union[int, bool] = 1) -> Ca
         ``run_steps``.
 
     Example:
-        >>> run_steps = jax.jit(make_multi_step(make_train_step(loss_fn, opt)))  # doctest: +SKIP
-        >>> state, metrics = run_steps(state, jnp.stack([batch_0, batch_1]), jax.random.key(0))  # doctest: +SKIP
+        >>> loss_fn = lambda p, x, key: jnp.mean((x - p["mu"]) ** 2)
+        >>> opt = optax.sgd(0.1)
+        >>> run_steps = jax.jit(make_multi_step(make_train_step(loss_fn, opt)))
+        >>> state = create_train_state({"mu": jnp.zeros(2)}, opt)
+        >>> state, metrics = run_steps(state, jnp.ones((5, 4, 2)), jax.random.key(0))  # 5 steps, batch 4
+        >>> int(state.step), metrics["loss"].shape
+        (5, (5,))
     """
     if not isinstance(unroll, bool):
         check_positive_int("unroll", unroll)
