@@ -536,6 +536,48 @@ def _progress_line(step: int, num_steps: int, loss: Optional[float], rate: float
             f"ETA {_duration((num_steps - step) / max(rate, 1e-9))}")
 
 
+def _device_call(run_steps: Callable, devices: Sequence[jax.Device], base_key: jax.Array) -> Callable:
+    """``call(state, stacked, step, n) -> (state, metrics)``: ``run_steps`` pmapped over ``devices``.
+
+    ``metrics`` come back on the host, stacked ``[n, ...]``. With
+    ``dsm_jax.debug_checks()`` / ``DSM_JAX_CHECKS=1`` the losses add checkify
+    checks of traced values; they must be functionalised around the compiled
+    call to be reported, and a failed one is a ValueError naming the steps.
+    """
+    p_run = jax.pmap(run_steps, axis_name=AXIS, in_axes=(0, 0, None), devices=devices, donate_argnums=(0,))
+    if not runtime_checks_enabled():
+        return lambda state, stacked, step, n: _on_host(p_run(state, stacked, base_key))
+    p_checked = checkify.checkify(p_run)
+
+    def call(state, stacked, step, n):
+        err, out = p_checked(state, stacked, base_key)
+        if err.get() is not None:
+            raise ValueError(
+                f"run-time check failed in steps {step}-{step + n - 1} (the batches of those steps): "
+                f"{err.get()}; stopped before saving."
+            )
+        return _on_host(out)
+
+    return call
+
+
+def _on_host(out):
+    state, metrics = out
+    return state, jax.device_get(_unreplicate(metrics))
+
+
+def _nonfinite_error(step: int, name: str, value: float, ckpt: Optional[Checkpointer]) -> NonFiniteError:
+    """The error of a non-finite ``name`` at ``step``, saying what was kept."""
+    last = None if ckpt is None else ckpt.latest_step()
+    kept = ("training in memory, nothing was saved" if ckpt is None
+            else "no checkpoint was written yet" if last is None
+            else f"the last good checkpoint is step {last} in {ckpt.directory}")
+    return NonFiniteError(
+        f"non-finite {name} ({value}) at step {step} (the update computed from the batch of "
+        f"step {step}); stopped before saving, {kept}."
+    )
+
+
 def _restore_or_init(ckpt: Optional[Checkpointer], initial: TrainState, batches: _Batches, config: Any):
     """``(host_state, step, resumed)``: the latest readable checkpoint of ``ckpt``, or ``initial`` at step 0.
 
@@ -543,7 +585,7 @@ def _restore_or_init(ckpt: Optional[Checkpointer], initial: TrainState, batches:
     the checkpoint's is a :class:`ConfigMismatchError`.
     """
     restored = None if ckpt is None else ckpt.restore_latest(target=initial)
-    if restored is None:
+    if ckpt is None or restored is None:
         return initial, 0, False
     host_state, meta = restored
     step = int(host_state.step)
@@ -755,14 +797,7 @@ def train(
 
     train_step = make_train_step(loss_fn, optimizer, ema_decay=ema_decay, axis_name=AXIS,
                                  per_example_keys=per_example_keys, loss_takes_key_batch=loss_takes_key_batch)
-    run_steps = make_multi_step(train_step, unroll=unroll)
-    p_run = jax.pmap(run_steps, axis_name=AXIS, in_axes=(0, 0, None), devices=devices, donate_argnums=(0,))
-    # With dsm_jax.debug_checks() / DSM_JAX_CHECKS=1 the losses add checkify checks of traced
-    # values; they must be functionalised around the compiled step to be reported.
-    checked = runtime_checks_enabled()
-    if checked:
-        p_run = checkify.checkify(p_run)
-    base_key = jax.random.key(seed)
+    call = _device_call(make_multi_step(train_step, unroll=unroll), devices, jax.random.key(seed))
     initial = jax.device_get(create_train_state(params, optimizer))
 
     with contextlib.ExitStack() as stack:
@@ -783,35 +818,19 @@ def train(
             n = _chunk_length(step, steps_per_call, save_every, num_steps)
             shards = [_shard(batches.get(s), len(devices), s) for s in range(step, step + n)]
             stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *shards)
-            if checked:
-                err, (state, metrics) = p_run(state, stacked, base_key)
-                if err.get() is not None:
-                    raise ValueError(
-                        f"run-time check failed in steps {step}-{step + n - 1} (the batches of those steps): "
-                        f"{err.get()}; stopped before saving."
-                    )
-            else:
-                state, metrics = p_run(state, stacked, base_key)
-            metrics = jax.device_get(_unreplicate(metrics))
+            state, metrics = call(state, stacked, step, n)
             bad = _first_nonfinite(metrics, step)
             if bad is not None:
                 bad_step, name, value = bad
                 log.event({"event": "nonfinite", "step": bad_step, "metric": name, "value": repr(value)})
-                last = None if ckpt is None else ckpt.latest_step()
-                kept = ("training in memory, nothing was saved" if ckpt is None
-                        else "no checkpoint was written yet" if last is None
-                        else f"the last good checkpoint is step {last} in {ckpt.directory}")
-                raise NonFiniteError(
-                    f"non-finite {name} ({value}) at step {bad_step} (the update computed from the batch of "
-                    f"step {bad_step}); stopped before saving, {kept}."
-                )
+                raise _nonfinite_error(bad_step, name, value, ckpt)
             step += n
             log.steps(step, metrics, n)
 
             if ckpt is not None and (step % save_every == 0 or step == num_steps or flag.signum is not None):
                 ckpt.save(step, _unreplicate(state), data_state=batches.state(step), config=config)
                 log.event({"event": "save", "step": step})
-            if flag.signum is not None:
+            if flag.signum is not None and ckpt is not None:  # the flag is only set with a work directory
                 log.event({"event": "interrupted", "step": step, "signal": signal.Signals(flag.signum).name})
                 if flag.signum == signal.SIGINT:
                     raise TrainingInterrupted(step, ckpt.directory)
