@@ -411,10 +411,12 @@ class _Batches:
     """The driver's view of ``data``: batch of step ``s`` and a checkpointable position."""
 
     def __init__(self, data):
+        self._source: Optional[DataSource] = None
         if isinstance(data, DataSource):
-            self._source, self._batch_at = data, None
+            self._source = data
+            self._batch_at: Callable[[int], Any] = lambda step: data.next_batch()
         elif callable(data):
-            self._source, self._batch_at = None, data
+            self._batch_at = data
         else:
             raise ValueError(
                 "data must be a callable batch_at(step) -> batch or an object with next_batch(), "
@@ -422,7 +424,7 @@ class _Batches:
             )
 
     def get(self, step: int) -> Any:
-        return self._batch_at(step) if self._source is None else self._source.next_batch()
+        return self._batch_at(step)
 
     def state(self, step: int) -> Any:
         return {"step": step} if self._source is None else self._source.state()
@@ -536,7 +538,7 @@ def _progress_line(step: int, num_steps: int, loss: Optional[float], rate: float
             f"ETA {_duration((num_steps - step) / max(rate, 1e-9))}")
 
 
-def _device_call(run_steps: Callable, devices: Sequence[jax.Device], base_key: jax.Array) -> Callable:
+def _device_call(run_steps: Callable, devices: list, base_key: jax.Array) -> Callable:
     """``call(state, stacked, step, n) -> (state, metrics)``: ``run_steps`` pmapped over ``devices``.
 
     ``metrics`` come back on the host, stacked ``[n, ...]``. With
@@ -599,7 +601,7 @@ def _restore_or_init(ckpt: Optional[Checkpointer], initial: TrainState, batches:
     return host_state, step, True
 
 
-def _replicate(host_state: Any, devices: Sequence[jax.Device]) -> Any:
+def _replicate(host_state: Any, devices: list) -> Any:
     """``host_state`` on every device (leaves ``[devices, ...]``).
 
     Placed by a pmap of the identity so that its arrays are laid out exactly
@@ -621,7 +623,7 @@ class _MetricsLog:
     def __init__(self, path: Optional[str], *, is_main: bool):
         self.path = path if is_main else None
         self.is_main = is_main
-        self.bar = None
+        self.bar = tqdm(disable=True)  # replaced by the run's bar in start_progress
 
     def start_progress(self, step: int, num_steps: int, *, log_every: int, quiet: bool) -> None:
         """Starts the clock and the bar at ``step`` (after the restore)."""
@@ -631,6 +633,7 @@ class _MetricsLog:
         self.last_log = (step, self.start_time)
         show_bar = self.is_main and not quiet and sys.stderr.isatty()
         self.show_lines = self.is_main and not quiet and not (show_bar and sys.stdout.isatty())
+        self.bar.close()
         self.bar = tqdm(total=num_steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step")
 
     def repair(self, resume_step: int) -> None:
@@ -661,8 +664,7 @@ class _MetricsLog:
         self.history, self.last_log = [], (step, now)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def train(
@@ -681,7 +683,7 @@ def train(
     log_every: int = 100,
     config: Optional[dict] = None,
     quiet: bool = False,
-    devices: Optional[Sequence[jax.Device]] = None,
+    devices: Optional[Sequence[Any]] = None,
     per_example_keys: bool = True,
     handle_signals: bool = True,
     unroll: Union[int, bool] = 1,

@@ -13,7 +13,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, cast
 
 import flax.linen as nn
 import jax
@@ -36,7 +36,7 @@ def init_params(model: nn.Module, key: jax.Array, x: jax.Array) -> Any:
     x = jnp.asarray(x)[:1]
     sigma = jnp.ones((1,), x.dtype)
     lowered = jax.jit(lambda k: model.init(k, x, sigma)["params"]).lower(key)
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    options: Optional[dict[str, Any]] = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     return lowered.compile(compiler_options=options)(key)
 
 
@@ -62,7 +62,7 @@ def make_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False
 
     def model_fn(x, sigma):
         sigma = broadcast_sigma(sigma, x)
-        out = model.apply({"params": params}, x, sigma)
+        out = cast(jax.Array, model.apply({"params": params}, x, sigma))  # one output, no mutable collections
         if scale_by_sigma:
             out = out / expand_to(sigma, out)
         return out
@@ -134,5 +134,5 @@ def make_dsm_loss_fn(
         )
         return loss, {"per_sigma_loss": per_sigma}
 
-    loss_fn.accepts_key_batch = True  # for make_train_step calls without loss_takes_key_batch
+    loss_fn.accepts_key_batch = True  # pyright: ignore[reportFunctionMemberAccess]  (read by make_train_step)
     return loss_fn

@@ -57,32 +57,32 @@ def library_train_step(loss_fn, params):
 
 
 def bench_dsm_step(b: Bench) -> list:
-    cfg, tref = b.cfg, b.tref
-    rows, k = [], cfg["steps_per_call"]
-    for dim in cfg["dsm_dims"]:
-        for batch in cfg["dsm_batches"]:
-            net = Net(dim, cfg, tref)
-            x = data(dim, batch)
-            step, state = jax_dsm_step(b, net)
-            step_bk, state_bk = jax_dsm_step(b, net, per_example_keys=False)
-            many, state_k = jax_dsm_step(b, net, k)
-            xs = jnp.asarray(np.stack([data(dim, batch, s) for s in range(k)]))
-            contenders = {
-                "dsm_jax": b.stepper(step, state, [(jnp.asarray(x), key) for key in keys()]),
-                "dsm_jax_batch_key": b.stepper(step_bk, state_bk, [(jnp.asarray(x), key) for key in keys()]),
-                f"dsm_jax_{k}_per_call": b.stepper(many, state_k, [(xs, key) for key in keys()]),
-            }
-            if tref is not None:
-                torch, ref = tref
-                opt = net.torch_optimizer()
-                xt = torch.from_numpy(x)
-                contenders["pytorch"] = lambda: ref.train_step(net.torch_model, opt, ref.dsm_loss_log_uniform, xt, SIGMA_MIN, SIGMA_MAX)
-            timed = b.time(contenders)
-            timed[f"dsm_jax_{k}_per_call"]["median_s"] /= k  # per step
-            rows.append(row(f"d={dim} B={batch}", timed, speedups(timed, {
-                "torch/jax": ("pytorch", "dsm_jax"),
-                "torch/jax_batch_key": ("pytorch", "dsm_jax_batch_key"),
-                "torch/jax_k_per_call": ("pytorch", f"dsm_jax_{k}_per_call"),
-                "jax/jax_k_per_call": ("dsm_jax", f"dsm_jax_{k}_per_call"),
-            }), steps_per_call=k))
-    return rows
+    return [_dsm_step_row(b, dim, batch) for dim in b.cfg["dsm_dims"] for batch in b.cfg["dsm_batches"]]
+
+
+def _dsm_step_row(b: Bench, dim: int, batch: int) -> dict:
+    cfg, tref, k = b.cfg, b.tref, b.cfg["steps_per_call"]
+    net = Net(dim, cfg, tref)
+    x = data(dim, batch)
+    step, state = jax_dsm_step(b, net)
+    step_bk, state_bk = jax_dsm_step(b, net, per_example_keys=False)
+    many, state_k = jax_dsm_step(b, net, k)
+    xs = jnp.asarray(np.stack([data(dim, batch, s) for s in range(k)]))
+    contenders = {
+        "dsm_jax": b.stepper(step, state, [(jnp.asarray(x), key) for key in keys()]),
+        "dsm_jax_batch_key": b.stepper(step_bk, state_bk, [(jnp.asarray(x), key) for key in keys()]),
+        f"dsm_jax_{k}_per_call": b.stepper(many, state_k, [(xs, key) for key in keys()]),
+    }
+    if tref is not None:
+        torch, ref = tref
+        opt = net.torch_optimizer()
+        xt = torch.from_numpy(x)
+        contenders["pytorch"] = lambda: ref.train_step(net.torch_model, opt, ref.dsm_loss_log_uniform, xt, SIGMA_MIN, SIGMA_MAX)
+    timed = b.time(contenders)
+    timed[f"dsm_jax_{k}_per_call"]["median_s"] /= k  # per step
+    return row(f"d={dim} B={batch}", timed, speedups(timed, {
+        "torch/jax": ("pytorch", "dsm_jax"),
+        "torch/jax_batch_key": ("pytorch", "dsm_jax_batch_key"),
+        "torch/jax_k_per_call": ("pytorch", f"dsm_jax_{k}_per_call"),
+        "jax/jax_k_per_call": ("dsm_jax", f"dsm_jax_{k}_per_call"),
+    }), steps_per_call=k)

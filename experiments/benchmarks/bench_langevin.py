@@ -41,30 +41,31 @@ def _langevin_python_loop(b: Bench, net: Net, x0, sig_list, steps, eps):
 
 
 def bench_langevin(b: Bench) -> list:
-    cfg, tref = b.cfg, b.tref
-    rows, dim = [], cfg["ld_dim"]
+    return [_langevin_row(b, batch) for batch in b.cfg["ld_batches"]]
+
+
+def _langevin_row(b: Bench, batch: int) -> dict:
+    cfg, tref, dim = b.cfg, b.tref, b.cfg["ld_dim"]
     sigmas = geometric_sigmas(1.0, SIGMA_MIN, cfg["ld_levels"])
     sig_list = [float(s) for s in np.asarray(sigmas)]
     steps, eps = cfg["ld_steps"], cfg["ld_eps"]
-    for batch in cfg["ld_batches"]:
-        net = Net(dim, cfg, tref)
-        x0 = data(dim, batch)
-        sample = jax.jit(lambda p, x, k, net=net: annealed_langevin(net.model_fn(p), x, k, sigmas, steps_per_sigma=steps,
-                                                                    step_lr=eps, final_denoise=False))
-        out = {"jax_finite": bool(np.all(np.isfinite(np.asarray(sample(net.params, jnp.asarray(x0), jax.random.key(0))))))}
-        contenders = {"dsm_jax_scan": b.blocking(sample, net.params, jnp.asarray(x0), jax.random.key(0)),
-                      "jax_python_loop": _langevin_python_loop(b, net, x0, sig_list, steps, eps)}
-        if tref is not None:
-            torch, ref = tref
-            xt = torch.from_numpy(x0)
-            contenders["pytorch_loop"] = lambda net=net, xt=xt: ref.annealed_langevin(net.torch_model, xt, sig_list, steps, eps)
-            out["torch_finite"] = bool(torch.isfinite(contenders["pytorch_loop"]()).all())
-        timed = b.time(contenders, warmup=1)
-        # Matmul FLOPs of the whole run (one forward pass per step), counted by hand.
-        flops = len(sig_list) * steps * batch * matmul_flops_per_example(dim, cfg["hidden"], cfg["layers"], train=False)
-        out["matmul_gflops_per_s"] = {k: flops / v["median_s"] / 1e9 for k, v in timed.items()}
-        rows.append(row(f"d={dim} B={batch} {len(sig_list)}x{steps}", timed, speedups(timed, {
-            "torch/jax": ("pytorch_loop", "dsm_jax_scan"),
-            "jax_loop/scan": ("jax_python_loop", "dsm_jax_scan"),
-        }), **out))
-    return rows
+    net = Net(dim, cfg, tref)
+    x0 = data(dim, batch)
+    sample = jax.jit(lambda p, x, k: annealed_langevin(net.model_fn(p), x, k, sigmas, steps_per_sigma=steps, step_lr=eps,
+                                                       final_denoise=False))
+    out = {"jax_finite": bool(np.all(np.isfinite(np.asarray(sample(net.params, jnp.asarray(x0), jax.random.key(0))))))}
+    contenders = {"dsm_jax_scan": b.blocking(sample, net.params, jnp.asarray(x0), jax.random.key(0)),
+                  "jax_python_loop": _langevin_python_loop(b, net, x0, sig_list, steps, eps)}
+    if tref is not None:
+        torch, ref = tref
+        xt = torch.from_numpy(x0)
+        contenders["pytorch_loop"] = lambda: ref.annealed_langevin(net.torch_model, xt, sig_list, steps, eps)
+        out["torch_finite"] = bool(torch.isfinite(contenders["pytorch_loop"]()).all())
+    timed = b.time(contenders, warmup=1)
+    # Matmul FLOPs of the whole run (one forward pass per step), counted by hand.
+    flops = len(sig_list) * steps * batch * matmul_flops_per_example(dim, cfg["hidden"], cfg["layers"], train=False)
+    out["matmul_gflops_per_s"] = {k: flops / v["median_s"] / 1e9 for k, v in timed.items()}
+    return row(f"d={dim} B={batch} {len(sig_list)}x{steps}", timed, speedups(timed, {
+        "torch/jax": ("pytorch_loop", "dsm_jax_scan"),
+        "jax_loop/scan": ("jax_python_loop", "dsm_jax_scan"),
+    }), **out)

@@ -18,39 +18,40 @@ from seed_mlp import SIGMA_MAX, SIGMA_MIN, Net, data
 
 
 def bench_multiscale(b: Bench) -> list:
-    cfg, tref = b.cfg, b.tref
-    rows, dim = [], cfg["ms_dim"]
+    return [_multiscale_row(b, batch) for batch in b.cfg["ms_batches"]]
+
+
+def _multiscale_row(b: Bench, batch: int) -> dict:
+    cfg, tref, dim = b.cfg, b.tref, b.cfg["ms_dim"]
     sigmas = geometric_sigmas(SIGMA_MAX, SIGMA_MIN, cfg["ms_levels"])
     sig_list = [float(s) for s in np.asarray(sigmas)]
-    for batch in cfg["ms_batches"]:
-        net = Net(dim, cfg, tref)
-        x = jnp.asarray(data(dim, batch))
+    net = Net(dim, cfg, tref)
+    x = jnp.asarray(data(dim, batch))
 
-        def vmapped(params, x, key, net=net):
-            return multiscale_dsm_loss(net.model_fn(params), x, sigmas, key, weighting="sigma2", sigma_sampling="all")
+    def vmapped(params, x, key):
+        return multiscale_dsm_loss(net.model_fn(params), x, sigmas, key, weighting="sigma2", sigma_sampling="all")
 
-        def looped(params, x, key, net=net):
-            keys = jax.random.split(key, len(sig_list))
-            total = sum(s**2 * dsm_loss(net.model_fn(params), x, s, k) for s, k in zip(sig_list, keys))
-            return total / len(sig_list)
+    def looped(params, x, key):
+        keys = jax.random.split(key, len(sig_list))
+        total = sum(s**2 * dsm_loss(net.model_fn(params), x, s, k) for s, k in zip(sig_list, keys))
+        return total / len(sig_list)
 
-        grad_v = jax.jit(jax.value_and_grad(vmapped))
-        grad_l = jax.jit(jax.value_and_grad(looped))
-        key = jax.random.key(0)
-        contenders = {"vmap_over_sigma": b.blocking(grad_v, net.params, x, key),
-                      "jax_python_loop": b.blocking(grad_l, net.params, x, key)}
-        if tref is not None:
-            torch, ref = tref
-            xt = torch.from_numpy(np.array(x))
+    grad_v = jax.jit(jax.value_and_grad(vmapped))
+    grad_l = jax.jit(jax.value_and_grad(looped))
+    key = jax.random.key(0)
+    contenders = {"vmap_over_sigma": b.blocking(grad_v, net.params, x, key),
+                  "jax_python_loop": b.blocking(grad_l, net.params, x, key)}
+    if tref is not None:
+        torch, ref = tref
+        xt = torch.from_numpy(np.array(x))
 
-            def torch_grad(net=net, xt=xt):
-                net.torch_model.zero_grad()
-                ref.multiscale_loss_loop(net.torch_model, xt, sig_list).backward()
+        def torch_grad():
+            net.torch_model.zero_grad()
+            ref.multiscale_loss_loop(net.torch_model, xt, sig_list).backward()
 
-            contenders["pytorch_loop"] = torch_grad
-        timed = b.time(contenders)
-        rows.append(row(f"d={dim} B={batch} L={len(sig_list)}", timed, speedups(timed, {
-            "jax_loop/vmap": ("jax_python_loop", "vmap_over_sigma"),
-            "torch_loop/vmap": ("pytorch_loop", "vmap_over_sigma"),
-        })))
-    return rows
+        contenders["pytorch_loop"] = torch_grad
+    timed = b.time(contenders)
+    return row(f"d={dim} B={batch} L={len(sig_list)}", timed, speedups(timed, {
+        "jax_loop/vmap": ("jax_python_loop", "vmap_over_sigma"),
+        "torch_loop/vmap": ("pytorch_loop", "vmap_over_sigma"),
+    }))

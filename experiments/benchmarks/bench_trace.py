@@ -31,35 +31,36 @@ def _jacfwd_esm_loss(score_fn, x):
 
 
 def bench_explicit_sm(b: Bench) -> list:
-    cfg, tref = b.cfg, b.tref
-    rows, batch = [], cfg["esm_batch"]
-    for dim in cfg["esm_dims"]:
-        net = Net(dim, cfg, tref)
-        x = jnp.asarray(data(dim, batch))
-        chunk = max(1, dim // 4)
-        losses = {
-            "jvp": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x),  # the default, chunk_size="auto"
-            "jvp_whole_basis": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x, chunk_size=None),
-            f"jvp_chunk{chunk}": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x, chunk_size=chunk),
-            "jacfwd_trace": lambda p, x, k: _jacfwd_esm_loss(net.score_fn(p), x),
-        }
-        contenders = {}
-        for name, loss in losses.items():
-            step, state = library_train_step(loss, net.params)
-            contenders[name] = b.stepper(step, state, [(x, jax.random.key(0))])
-        if tref is not None:
-            torch, ref = tref
-            opt = net.torch_optimizer()
-            xt = torch.from_numpy(np.array(x))
-            contenders["pytorch_autograd_loop"] = lambda: ref.train_step(net.torch_model, opt, ref.explicit_sm_loss, xt, ESM_SIGMA)
-        timed = b.time(contenders)
-        rows.append(row(f"d={dim} B={batch}", timed, speedups(timed, {
-            "torch/jvp": ("pytorch_autograd_loop", "jvp"),
-            "torch/jvp_whole_basis": ("pytorch_autograd_loop", "jvp_whole_basis"),
-            "torch/jvp_chunked": ("pytorch_autograd_loop", f"jvp_chunk{chunk}"),
-            "jacfwd/jvp": ("jacfwd_trace", "jvp"),
-        }), auto_chunk_size=resolve_chunk_size("auto", batch, dim)))
-    return rows
+    return [_explicit_sm_row(b, dim) for dim in b.cfg["esm_dims"]]
+
+
+def _explicit_sm_row(b: Bench, dim: int) -> dict:
+    cfg, tref, batch = b.cfg, b.tref, b.cfg["esm_batch"]
+    net = Net(dim, cfg, tref)
+    x = jnp.asarray(data(dim, batch))
+    chunk = max(1, dim // 4)
+    losses = {
+        "jvp": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x),  # the default, chunk_size="auto"
+        "jvp_whole_basis": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x, chunk_size=None),
+        f"jvp_chunk{chunk}": lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x, chunk_size=chunk),
+        "jacfwd_trace": lambda p, x, k: _jacfwd_esm_loss(net.score_fn(p), x),
+    }
+    contenders = {}
+    for name, loss in losses.items():
+        step, state = library_train_step(loss, net.params)
+        contenders[name] = b.stepper(step, state, [(x, jax.random.key(0))])
+    if tref is not None:
+        torch, ref = tref
+        opt = net.torch_optimizer()
+        xt = torch.from_numpy(np.array(x))
+        contenders["pytorch_autograd_loop"] = lambda: ref.train_step(net.torch_model, opt, ref.explicit_sm_loss, xt, ESM_SIGMA)
+    timed = b.time(contenders)
+    return row(f"d={dim} B={batch}", timed, speedups(timed, {
+        "torch/jvp": ("pytorch_autograd_loop", "jvp"),
+        "torch/jvp_whole_basis": ("pytorch_autograd_loop", "jvp_whole_basis"),
+        "torch/jvp_chunked": ("pytorch_autograd_loop", f"jvp_chunk{chunk}"),
+        "jacfwd/jvp": ("jacfwd_trace", "jvp"),
+    }), auto_chunk_size=resolve_chunk_size("auto", batch, dim))
 
 
 def _memory(compiled) -> dict:
