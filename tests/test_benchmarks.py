@@ -149,3 +149,19 @@ def test_profile_ops_lists_xla_operations():
     bad = subprocess.run([sys.executable, str(BENCH / "profile_ops.py"), "dsm_step", "--batch", "0"],
                          capture_output=True, text=True, env=env, cwd=BENCH, timeout=300)
     assert bad.returncode == 2 and "--batch must be >= 1, got 0" in bad.stderr
+
+
+def test_each_run_has_its_own_compiler_options_and_caches():
+    """No module state: a Bench caches compilations and shared functions for itself only, with its own options."""
+    import jax
+    import jax.numpy as jnp
+
+    harness = load("harness")
+    f, x = jax.jit(lambda v: v + 1), jnp.ones(3)
+    quick = harness.Bench({}, None, 1, {"xla_backend_optimization_level": 0})
+    full = harness.Bench({}, None, 1)
+    assert quick.compiled(f, x) is quick.compiled(f, x)
+    assert full.compiled(f, x) is not quick.compiled(f, x)
+    assert quick.once("step", object) is quick.once("step", object)
+    assert full.once("step", object) is not quick.once("step", object)
+    assert full.compiler_options == {} and quick.compiler_options == {"xla_backend_optimization_level": 0}
