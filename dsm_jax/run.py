@@ -56,7 +56,10 @@ from dsm_jax.interrupt import call_interruptibly
 from dsm_jax.runlog import write_atomic
 
 if TYPE_CHECKING:  # config.py imports SAMPLERS from here, so this module reads it inside its functions
+    import flax.linen as nn
+
     from dsm_jax.config import Config
+    from dsm_jax.data import Dataset
 
 __all__ = [
     "CHECKING", "PREPARING", "SAMPLERS", "SAMPLING", "TRAINING", "Run", "Sampler", "UserError", "build_run",
@@ -99,8 +102,8 @@ class Run:
     """Everything derived from a config: data, model and resolved settings."""
 
     config: Config
-    dataset: object
-    model: object
+    dataset: Dataset
+    model: nn.Module
     sigmas: np.ndarray
     step_lr: float
     chosen: tuple = ()  # what build_run chose for the data (fit_to_data), one sentence each
@@ -591,7 +594,7 @@ def lock_workdir(stack: ExitStack, workdir: Path, command: str) -> Optional[work
 
 def _interrupt_cleanups(workdir: Path, lock: Optional[workdir_lib.WorkdirLock]) -> list:
     """What to undo before exiting on a signal: this process's temporaries, then the lock."""
-    out = [lambda: workdir_lib.remove_tmp_files(workdir)]
+    out: list[Callable[[], object]] = [lambda: workdir_lib.remove_tmp_files(workdir)]
     if lock is not None:
         out.append(lock.release)
     return out
