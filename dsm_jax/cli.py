@@ -218,17 +218,18 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_sample, "d
 
 def _failure(err: Exception, phase: str) -> Optional[tuple]:
     """``(kind, line, exit status)`` of an error the user is told in one line; None for a bug (its traceback)."""
-    from dsm_jax.train import NonFiniteError
-
     if isinstance(err, ValueError):
         storage = storage_error_line(err)
         if storage is not None:
             return "error", storage, EXIT_USER_ERROR
         if isinstance(err, UserError) or phase == run_lib.CHECKING:
             return "error", str(err).splitlines()[0] if str(err) else type(err).__name__, EXIT_USER_ERROR
-    elif isinstance(err, OSError):
+        return None
+    if isinstance(err, OSError):
         return "error", os_error_line(err), EXIT_USER_ERROR
-    elif isinstance(err, NonFiniteError):
+    from dsm_jax.train import NonFiniteError  # only a command that trained can raise it (train loads flax)
+
+    if isinstance(err, NonFiniteError):
         return "training stopped", str(err), EXIT_NONFINITE
     return None
 
