@@ -27,7 +27,7 @@ has been changed yet); later only a :class:`~dsm_jax.errors.UserError` is.
 
 Example:
     >>> from dsm_jax.config import Config
-    >>> state = train_and_sample(Config(num_steps=100), "runs/mine", sample=False)  # doctest: +SKIP
+    >>> run, state, _ = train_and_sample(Config(num_steps=100), "runs/mine", sample=False)  # doctest: +SKIP
     >>> run, params = load_trained("runs/mine")  # doctest: +SKIP
     >>> samples, nfe = draw_samples(run, params, jax.random.key(0), 500, "ode")  # doctest: +SKIP
 """
@@ -62,10 +62,11 @@ if TYPE_CHECKING:  # config.py imports SAMPLERS from here, so this module reads 
     from dsm_jax.data import Dataset
 
 __all__ = [
-    "CHECKING", "PREPARING", "SAMPLERS", "SAMPLING", "TRAINING", "Run", "Sampler", "UserError", "build_run",
-    "default_workdir", "denoise_file", "draw_samples", "evaluate", "fit_to_data", "load_trained", "output_names",
-    "plan_workdir", "prepare_workdir", "print_metrics", "sample_and_evaluate", "sample_workdir",
-    "train_and_sample", "vesde_of_grid", "write_figures",
+    "CHECKING", "INTERRUPTED_WHILE", "PREPARING", "SAMPLERS", "SAMPLING", "TRAINING", "Run", "Sampler", "UserError",
+    "build_run", "default_workdir", "denoise_file", "describe_samplers", "draw_samples", "evaluate", "fit_to_data",
+    "load_trained", "lock_workdir", "output_names", "plan_workdir", "prepare_workdir", "print_metrics",
+    "quiet_library_errors", "sample_and_evaluate", "sample_workdir", "say", "train_and_sample", "vesde_of_grid",
+    "write_figures",
 ]
 
 CHECKING, PREPARING, TRAINING, SAMPLING = "checking", "preparing", "training", "sampling"
@@ -296,8 +297,8 @@ class Sampler(NamedTuple):
 
     Attributes:
         meaning: what the name stands for (``--help``, ``--list-keys``).
-        draw: ``draw(run, model_fn, key, shape) -> (samples, nfe)``, the model
-            evaluations per sample; ``model_fn`` is the run's model with its parameters.
+        draw: ``draw(run, model_fn, key, shape) -> (samples, nfe)``, ``nfe`` the
+            model evaluations per sample; ``model_fn`` is the run's model with its parameters.
         describe: ``describe(run) -> str``, its settings for the progress line.
         hint: what to try when every sample diverged.
     """
