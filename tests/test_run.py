@@ -140,3 +140,11 @@ def test_a_failed_check_changes_nothing_and_reports_no_phase(tmp_path):
     with pytest.raises(errors.UserError, match="num_sigmas=1 cannot work"):
         run_lib.train_and_sample(dataclasses.replace(TINY, num_sigmas=1), tmp_path / "w", on_phase=phases.append)
     assert phases == [] and not (tmp_path / "w").exists()
+
+
+def test_the_digits_preset_passes_the_shape_rules_unchanged():
+    # experiments/_digits.py trains the preset with user_set=frozenset(), as `dsm-jax train --preset digits`
+    # does: the run it caches is the command's only if the shape rules keep every field of the preset.
+    digits = config_lib.get_preset("digits")
+    cfg, _ = run_lib.fit_to_data(digits, (8, 8, 1), frozenset())
+    assert cfg == digits
