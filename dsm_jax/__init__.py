@@ -5,8 +5,10 @@ Pure functions of arrays, PRNG keys and callables. A model is any callable
 
 Submodules: ``distributions`` (ground truth), ``divergence`` (jvp traces),
 ``noise``, ``losses``, ``sde``, ``samplers``, ``likelihood``, ``tweedie``,
-``models``, ``train``, ``checkpoint``, ``data``, ``metrics``, ``plotting``
-(matplotlib, optional) and ``cli``.
+``ode``, ``models``, ``train``, ``checkpoint``, ``runlog`` (the metrics log),
+``workdir`` (lock, run files), ``data``, ``metrics``, ``plotting`` (matplotlib,
+optional), ``run`` (the application layer: build, load, sample, evaluate a
+run) and ``cli``.
 """
 
 import os as _os
@@ -94,7 +96,10 @@ __version__ = "0.1.0"
 # Modules that pull in flax (``sde``: ``flax.struct``; ``models``, ``train``), diffrax (``samplers``,
 # ``likelihood``), optax, orbax, scikit-learn or matplotlib load on first use, and so do the names
 # taken from them: ``import dsm_jax`` stays at the cost of jax itself.
-_LAZY_MODULES = ("sde", "samplers", "likelihood", "models", "train", "checkpoint", "data", "metrics", "plotting", "cli")
+_LAZY_MODULES = (
+    "sde", "ode", "samplers", "likelihood", "models", "train", "checkpoint", "runlog", "workdir", "data", "metrics",
+    "plotting", "run", "cli",
+)
 _LAZY_NAMES = {
     "SDE": "sde",
     "VESDE": "sde",

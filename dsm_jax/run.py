@@ -952,9 +952,9 @@ def quiet_library_errors(enabled: bool = True):
     if not enabled:
         yield
         return
-    from dsm_jax.checkpoint import _DropClosedLoopErrors
+    from dsm_jax.checkpoint import DropClosedLoopErrors
 
-    closed_loop = _DropClosedLoopErrors()
+    closed_loop = DropClosedLoopErrors()
     absl = logging.getLogger("absl")
     absl.addFilter(_drop_record)
     failed = False
