@@ -5,11 +5,14 @@ Pure functions of arrays, PRNG keys and callables. A model is any callable
 
 Submodules: ``distributions`` (ground truth), ``divergence`` (jvp traces),
 ``noise``, ``losses``, ``sde``, ``samplers``, ``likelihood``, ``tweedie``,
-``models``, ``train``, ``checkpoint``, ``data``, ``metrics``, ``plotting``
-(matplotlib, optional) and ``cli``.
+``ode``, ``models``, ``train``, ``checkpoint``, ``runlog`` (the metrics log),
+``workdir`` (lock, run files), ``data``, ``metrics``, ``plotting`` (matplotlib,
+optional), ``run`` (the application layer: build, load, sample, evaluate a
+run) and ``cli``.
 """
 
 import os as _os
+from typing import TYPE_CHECKING
 
 
 def _xla_cpu_workaround() -> None:
@@ -42,18 +45,14 @@ _xla_cpu_workaround()
 from dsm_jax import (  # noqa: E402
     distributions,
     divergence,
-    likelihood,
     losses,
     noise,
     parameterization,
-    samplers,
-    sde,
     tweedie,
 )
 from dsm_jax._checks import debug_checks  # noqa: E402
 from dsm_jax.distributions import Gaussian, GaussianMixture  # noqa: E402
 from dsm_jax.divergence import exact_divergence, hutchinson_divergence  # noqa: E402
-from dsm_jax.likelihood import bits_per_dim, log_likelihood  # noqa: E402
 from dsm_jax.losses import (  # noqa: E402
     dsm_loss,
     explicit_score_matching_loss,
@@ -72,32 +71,70 @@ from dsm_jax.noise import (  # noqa: E402
     sample_log_uniform_sigmas,
 )
 from dsm_jax.parameterization import as_score_fn, score_from_model  # noqa: E402
-from dsm_jax.samplers import (  # noqa: E402
-    SampleResult,
-    annealed_langevin,
-    ddim,
-    ddpm,
-    denoise_observation,
-    euler_maruyama,
-    inpaint,
-    inpaint_annealed_langevin,
-    langevin,
-    predictor_corrector,
-    probability_flow_ode,
-)
-from dsm_jax.sde import SDE, VESDE, VPSDE, SubVPSDE  # noqa: E402
 from dsm_jax.tweedie import denoise, posterior_covariance, posterior_mean  # noqa: E402
+
+if TYPE_CHECKING:  # the lazy names below, for type checkers and editors
+    from dsm_jax import likelihood, samplers, sde
+    from dsm_jax.likelihood import bits_per_dim, log_likelihood
+    from dsm_jax.samplers import (
+        SampleResult,
+        annealed_langevin,
+        ddim,
+        ddpm,
+        denoise_observation,
+        euler_maruyama,
+        inpaint,
+        inpaint_annealed_langevin,
+        langevin,
+        predictor_corrector,
+        probability_flow_ode,
+    )
+    from dsm_jax.sde import SDE, VESDE, VPSDE, SubVPSDE
 
 __version__ = "0.1.0"
 
+# Modules that pull in flax (``sde``: ``flax.struct``; ``models``, ``train``), diffrax (``samplers``,
+# ``likelihood``), optax, orbax, scikit-learn or matplotlib load on first use, and so do the names
+# taken from them: ``import dsm_jax`` stays at the cost of jax itself.
+_LAZY_MODULES = (
+    "sde", "ode", "samplers", "likelihood", "models", "train", "checkpoint", "runlog", "workdir", "data", "metrics",
+    "plotting", "run", "cli",
+)
+_LAZY_NAMES = {
+    "SDE": "sde",
+    "VESDE": "sde",
+    "VPSDE": "sde",
+    "SubVPSDE": "sde",
+    "SampleResult": "samplers",
+    "annealed_langevin": "samplers",
+    "ddim": "samplers",
+    "ddpm": "samplers",
+    "denoise_observation": "samplers",
+    "euler_maruyama": "samplers",
+    "inpaint": "samplers",
+    "inpaint_annealed_langevin": "samplers",
+    "langevin": "samplers",
+    "predictor_corrector": "samplers",
+    "probability_flow_ode": "samplers",
+    "bits_per_dim": "likelihood",
+    "log_likelihood": "likelihood",
+}
+
 
 def __getattr__(name):
-    # Heavier modules (flax, optax, orbax, scikit-learn, matplotlib) load on first use.
     import importlib
 
-    if name in ("models", "train", "checkpoint", "data", "metrics", "plotting", "cli"):
+    if name in _LAZY_MODULES:
         return importlib.import_module(f"dsm_jax.{name}")
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f"dsm_jax.{_LAZY_NAMES[name]}"), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'dsm_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_MODULES) | set(_LAZY_NAMES))
 
 
 __all__ = [

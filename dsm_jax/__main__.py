@@ -1,4 +1,8 @@
-from dsm_jax.cli import main
+"""``python -m dsm_jax``: the ``dsm-jax`` command (:func:`dsm_jax.cli.main`)."""
+
 import sys
 
-sys.exit(main())
+from dsm_jax.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

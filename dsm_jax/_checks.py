@@ -29,17 +29,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.experimental import checkify
 
 
 def is_concrete(value: Any) -> bool:
     """True when ``value`` holds actual numbers (not an abstract tracer)."""
-    return not isinstance(value, jax.core.Tracer)
+    return not isinstance(value, Tracer)
 
 
 def _short(value: Any) -> str:
@@ -85,10 +87,7 @@ def check_finite(name: str, value: Any) -> None:
 def check_batched(name: str, x: Any, *, min_ndim: int = 2) -> None:
     shape = jnp.shape(x)
     if len(shape) < min_ndim:
-        raise ValueError(
-            f"{name} must be batched with shape [B, *D] (at least {min_ndim} dims), "
-            f"got shape {shape}."
-        )
+        raise ValueError(f"{name} must be batched with shape [B, *D] (at least {min_ndim} dims), got shape {shape}.")
     if shape[0] == 0:
         raise ValueError(f"{name} must hold at least one example, got shape {shape}.")
 
@@ -97,15 +96,11 @@ def check_sigma(sigma: Any, batch_size: int, *, name: str = "sigma") -> None:
     """sigma: a positive finite scalar or an array of shape [B]."""
     shape = jnp.shape(sigma)
     if shape not in ((), (batch_size,), (1,)):
-        raise ValueError(
-            f"{name} must be a scalar or have shape [B]=({batch_size},), got shape {shape}."
-        )
+        raise ValueError(f"{name} must be a scalar or have shape [B]=({batch_size},), got shape {shape}.")
     check_positive_number(name, sigma)
 
 
-def check_sigma_schedule(
-    sigmas: Any, *, name: str = "sigmas", decreasing: bool = True, monotone: bool = False
-) -> None:
+def check_sigma_schedule(sigmas: Any, *, name: str = "sigmas", decreasing: bool = True, monotone: bool = False) -> None:
     """A 1-D array of positive noise levels, strictly decreasing if asked.
 
     ``monotone`` (with ``decreasing=False``) accepts either strict order, for
@@ -120,13 +115,9 @@ def check_sigma_schedule(
         steps = np.diff(arr)
         if arr.size > 1 and not np.all(steps < 0):
             if decreasing:
-                raise ValueError(
-                    f"{name} must be strictly decreasing (largest noise first), got {_short(arr)}."
-                )
+                raise ValueError(f"{name} must be strictly decreasing (largest noise first), got {_short(arr)}.")
             if not np.all(steps > 0):
-                raise ValueError(
-                    f"{name} must be strictly monotone (decreasing or increasing), got {_short(arr)}."
-                )
+                raise ValueError(f"{name} must be strictly monotone (decreasing or increasing), got {_short(arr)}.")
 
 
 def check_same_shape(name: str, got: Any, expected_shape: tuple, what: str) -> None:

@@ -53,7 +53,7 @@ import orbax.checkpoint as ocp
 from dsm_jax._checks import check_positive_int
 from dsm_jax.runlog import write_atomic
 
-__all__ = ["Checkpointer", "CorruptCheckpointError", "CorruptCheckpointWarning", "load_params"]
+__all__ = ["Checkpointer", "CorruptCheckpointError", "CorruptCheckpointWarning", "DropClosedLoopErrors", "load_params"]
 
 _STATE = "state"
 _META = "meta"
@@ -123,7 +123,7 @@ def _quiet_orbax() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-class _DropClosedLoopErrors:
+class DropClosedLoopErrors:
     """Scoped ``sys.unraisablehook`` that drops orbax's late callbacks after a failed restore.
 
     When a restore fails, orbax's event loop closes while tensorstore still
@@ -251,7 +251,7 @@ class Checkpointer:
         :class:`CorruptCheckpointWarning` and moved aside (left in place
         when ``read_only``).
         """
-        noise_filter, failed = _DropClosedLoopErrors(), False
+        noise_filter, failed = DropClosedLoopErrors(), False
         try:
             for step in reversed(self.all_steps()):
                 try:

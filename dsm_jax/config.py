@@ -12,14 +12,19 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 from dsm_jax.losses import SIGMA_SAMPLING
+from dsm_jax.noise import WEIGHTINGS
 from dsm_jax.parameterization import PARAMETERIZATIONS
+from dsm_jax.run import SAMPLERS as _SAMPLER_TABLE
+from dsm_jax.run import describe_samplers
 
 MODELS = ("mlp", "unet")
-SAMPLERS = ("ald", "em", "pc", "ode")
-WEIGHTINGS = ("sigma2", "one", "inv_sigma2")
+SAMPLERS = tuple(_SAMPLER_TABLE)
+"""The names of :data:`dsm_jax.run.SAMPLERS`, the one table of the command's samplers."""
+# The names of dsm_jax.models.embeddings.EMBEDDINGS, written out: that module loads flax.
+EMBEDDINGS = ("fourier", "sinusoidal")
 
 
 def _field(default, help: str):
@@ -97,9 +102,7 @@ class Config:
     keep: int = _field(3, "checkpoints kept")
     log_every: int = _field(100, "write a metrics.jsonl line every this many steps")
     # sampling and evaluation
-    sampler: str = _field(
-        "ald", "sampler after training: ald (annealed Langevin), em (reverse SDE), pc (predictor-corrector), ode"
-    )
+    sampler: str = _field("ald", f"sampler after training: {describe_samplers()}")
     num_samples: int = _field(2000, "samples drawn after training and by sample/evaluate")
     steps_per_sigma: int = _field(100, "annealed Langevin steps per noise level")
     step_lr: Optional[float] = _field(2e-5, "annealed Langevin step scale (None: NCSNv2 technique 4)")
@@ -130,7 +133,7 @@ class Config:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}.")
         for name, choices in (("model", MODELS), ("sampler", SAMPLERS), ("sigma_sampling", SIGMA_SAMPLING),
                               ("parameterization", PARAMETERIZATIONS), ("weighting", WEIGHTINGS),
-                              ("embedding", ("fourier", "sinusoidal"))):
+                              ("embedding", EMBEDDINGS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}.")
         if not self.channel_mults or any(not isinstance(m, int) or m < 1 for m in self.channel_mults):
@@ -271,6 +274,41 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]
 
 
+def parse_assignments(items: Sequence[str]) -> dict:
+    """``{key: text}`` of ``"key=value"`` strings (the ``--set`` arguments); the last of a key wins."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve(preset: str, *, file_fields: Optional[dict] = None, overrides: Optional[dict] = None,
+            source=None) -> Config:
+    """The config of ``preset``, then ``file_fields`` (those of the file ``source``), then ``overrides``.
+
+    Args:
+        preset: a name of :data:`PRESETS`.
+        file_fields: ``{field: value}``, as :func:`read_config_file` returns them.
+        overrides: ``{field: text}``, parsed by each field's type (:func:`apply_overrides`).
+        source: the file ``file_fields`` came from, named in errors.
+
+    Example:
+        >>> resolve("digits", overrides={"num_steps": "10"}).num_steps
+        10
+    """
+    cfg = get_preset(preset)
+    if file_fields:
+        try:
+            cfg = Config.from_dict({**cfg.to_dict(), **file_fields})
+        except ValueError as err:
+            where = "" if source is None else f"--config {os.fspath(source)!r}: "
+            raise ValueError(f"{where}{err}") from None
+    return apply_overrides(cfg, overrides or {})
+
+
 def training_differences(a: Config, b: Config) -> list:
     """``[(field, a_value, b_value)]`` for fields that change training."""
     out = []
@@ -292,5 +330,5 @@ def dumps(config: Config, resolved: dict) -> str:
     return json.dumps({"config": config.to_dict(), "resolved": resolved}, indent=2, sort_keys=True) + "\n"
 
 
-__all__ = ["Config", "PRESETS", "MODELS", "SAMPLERS", "apply_overrides", "describe_fields", "get_preset",
-           "read_config_file", "training_differences"]
+__all__ = ["Config", "EMBEDDINGS", "PRESETS", "MODELS", "SAMPLERS", "apply_overrides", "describe_fields",
+           "get_preset", "parse_assignments", "read_config_file", "resolve", "training_differences"]

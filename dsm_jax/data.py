@@ -47,7 +47,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,7 @@ _ARRAY_SUFFIXES = (".npy", ".npz")
 _NPY_MAGIC = b"\x93NUMPY"
 _NPZ_MAGIC = b"PK"  # a zip archive
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -112,12 +112,12 @@ class Dataset:
     name: str
     train: np.ndarray
     test: np.ndarray
-    distribution: Optional[GaussianMixture] = None
-    data_range: Optional[Tuple[float, float]] = None
+    distribution: GaussianMixture | None = None
+    data_range: tuple[float, float] | None = None
     description: str = ""
 
     @property
-    def shape(self) -> Tuple[int, ...]:
+    def shape(self) -> tuple[int, ...]:
         """The shape ``D`` of one example."""
         return tuple(self.train.shape[1:])
 
@@ -182,12 +182,12 @@ def eight_gaussians_mixture(radius: float = 2.0, std: float = 0.25) -> GaussianM
     check_positive_number("std", std)
     angles = 2.0 * np.pi * np.arange(8) / 8
     means = radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    return GaussianMixture(np.full(8, 1.0 / 8), means, np.full((8, 2), float(std) ** 2))
+    return GaussianMixture(jnp.full(8, 1.0 / 8), jnp.asarray(means), jnp.full((8, 2), float(std) ** 2))
 
 
 def two_clusters_mixture() -> GaussianMixture:
     """The DSM tutorial mixture: ``1/2 N((2, 2), 0.5^2 I) + 1/2 N((-2, -2), 0.5^2 I)``."""
-    return GaussianMixture(np.array([0.5, 0.5]), np.array([[2.0, 2.0], [-2.0, -2.0]]), np.full((2, 2), 0.25))
+    return GaussianMixture(jnp.array([0.5, 0.5]), jnp.array([[2.0, 2.0], [-2.0, -2.0]]), jnp.full((2, 2), 0.25))
 
 
 def eight_gaussians(key: jax.Array, n: int) -> jax.Array:
@@ -216,9 +216,7 @@ def checkerboard(key: jax.Array, n: int) -> jax.Array:
     return corner + jax.random.uniform(k_pos, (n, 2))
 
 
-def rings(
-    key: jax.Array, n: int, *, radii: Tuple[float, ...] = (0.5, 1.0, 1.5, 2.0), noise: float = 0.05
-) -> jax.Array:
+def rings(key: jax.Array, n: int, *, radii: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0), noise: float = 0.05) -> jax.Array:
     """Concentric circles, plus N(0, noise^2).
 
     A ring is chosen with probability proportional to its radius (so the
@@ -318,8 +316,9 @@ def mixture_dataset(
     """
     if not isinstance(mixture, GaussianMixture):
         raise ValueError(f"mixture must be a GaussianMixture, got {type(mixture).__name__}.")
-    num_train, num_test, seed = _check_sizes(num_train, num_test, seed)
-    return _toy_dataset(name, mixture.sample, num_train, num_test, seed, mixture, f"Gaussian mixture with {mixture.num_components} components")
+    sizes = _check_sizes(num_train, num_test, seed)
+    description = f"Gaussian mixture with {mixture.num_components} components"
+    return _toy_dataset(name, mixture.sample, *sizes, mixture, description)
 
 
 # ---------------------------------------------------------------------------
@@ -338,15 +337,15 @@ def digits_to_levels(x, *, round_to_int: bool = True) -> np.ndarray:
     return np.rint(levels).astype(np.int32) if round_to_int else levels
 
 
-def load_digits() -> Tuple[np.ndarray, np.ndarray]:
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """All 1797 scikit-learn digits as ``([1797, 8, 8, 1] float32 in [-1, 1], labels [1797] int)``."""
     from sklearn.datasets import load_digits as sklearn_load_digits
 
-    bunch = sklearn_load_digits()
-    return digits_from_levels(bunch.images[..., None]), np.asarray(bunch.target)
+    levels, labels = sklearn_load_digits(return_X_y=True)  # levels [1797, 64]: the 8 x 8 images, row-major
+    return digits_from_levels(np.asarray(levels).reshape(-1, 8, 8, 1)), np.asarray(labels)
 
 
-def _split(data: np.ndarray, num_train: Optional[int], num_test: int, seed: int, what: str):
+def _split(data: np.ndarray, num_train: int | None, num_test: int, seed: int, what: str):
     """A seeded random split of a finite array into ``(train, test)``."""
     n = data.shape[0]
     if num_test >= n:
@@ -412,7 +411,7 @@ def validate_array(data: Any, *, name: str = "data") -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def load_array(path: PathLike, *, key: Optional[str] = None) -> np.ndarray:
+def load_array(path: PathLike, *, key: str | None = None) -> np.ndarray:
     """Loads a user array from ``.npy`` or ``.npz`` (``allow_pickle=False``) and validates it.
 
     Args:
@@ -460,9 +459,7 @@ def load_array(path: PathLike, *, key: Optional[str] = None) -> np.ndarray:
             names = list(loaded.files)
             if key is None:
                 if len(names) != 1:
-                    raise ValueError(
-                        f"{path!r} holds {len(names)} arrays {names}; choose one with key=<name>."
-                    )
+                    raise ValueError(f"{path!r} holds {len(names)} arrays {names}; choose one with key=<name>.")
                 key = names[0]
             if key not in names:
                 raise ValueError(f"{path!r} has no array {key!r}; it holds {names}.")
@@ -494,10 +491,10 @@ def _looks_like_path(name: str) -> bool:
 def load_dataset(
     name_or_path: PathLike,
     *,
-    num_train: Optional[int] = None,
-    num_test: Optional[int] = None,
+    num_train: int | None = None,
+    num_test: int | None = None,
     seed: int = 0,
-    key: Optional[str] = None,
+    key: str | None = None,
 ) -> Dataset:
     """A built-in dataset by name (see :data:`DATASETS`) or a user array by path.
 
@@ -546,7 +543,9 @@ def load_dataset(
     data = load_array(name, key=key)
     num_train, num_test, seed = _check_sizes(num_train, data.shape[0] // 10 if num_test is None else num_test, seed)
     train, test = _split(data, num_train, num_test, seed, repr(name))
-    return Dataset(name, train, test, description=f"user array {name!r}, {data.shape[0]} examples of shape {data.shape[1:]}")
+    return Dataset(
+        name, train, test, description=f"user array {name!r}, {data.shape[0]} examples of shape {data.shape[1:]}"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -593,8 +592,8 @@ class BatchSource:
         batch_size: int,
         *,
         seed: int = 0,
-        process_index: Optional[int] = None,
-        process_count: Optional[int] = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
         name: str = "the training set",
     ):
         self.data = np.asarray(data)
@@ -617,9 +616,7 @@ class BatchSource:
         if self.process_index >= self.process_count:
             raise ValueError(f"process_index={self.process_index} must be < process_count={self.process_count}.")
         if self.batch_size % self.process_count:
-            raise ValueError(
-                f"batch_size={self.batch_size} must be divisible by process_count={self.process_count}."
-            )
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by process_count={self.process_count}.")
         self.local_batch_size = self.batch_size // self.process_count
         self._key = jax.random.key(self.seed)
         self._permutation = functools.lru_cache(maxsize=4)(self._draw_permutation)
@@ -681,4 +678,3 @@ def shard_batch(batch: Any, num_devices: int) -> Any:
         return leaf.reshape((num_devices, leaf.shape[0] // num_devices) + leaf.shape[1:])
 
     return jax.tree.map(split, batch)
-

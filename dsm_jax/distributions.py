@@ -27,6 +27,7 @@ accurate far from every mode (e.g. at ``|x| = 1e3``).
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +41,12 @@ from dsm_jax._checks import (
     check_positive_number,
     is_concrete,
 )
+from dsm_jax._utils import LOG_2PI
 
-_LOG_2PI = float(np.log(2.0 * np.pi))
-
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # a dependency of chex, hence installed
+    from typing_extensions import dataclass_transform
 
 # --------------------------------------------------------------------------
 # Single-component helpers; `cov` is [d] (diagonal) or [d, d] (full).
@@ -72,7 +76,7 @@ def _logpdf(x: jax.Array, mean: jax.Array, cov: jax.Array) -> jax.Array:
         z = jax.scipy.linalg.solve_triangular(chol, diff.T, lower=True)
         maha = jnp.sum(z**2, axis=0)
         logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
-    return -0.5 * (maha + logdet + d * _LOG_2PI)
+    return -0.5 * (maha + logdet + d * LOG_2PI)
 
 
 def _logpdf_parts(x: jax.Array, mean: jax.Array, cov: jax.Array):
@@ -95,7 +99,7 @@ def _logpdf_parts(x: jax.Array, mean: jax.Array, cov: jax.Array):
         quad = jnp.sum(zx**2, axis=0)
         cross = zm @ zx
         const = jnp.sum(zm**2) + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
-    return quad, -2.0 * cross + const + d * _LOG_2PI
+    return quad, -2.0 * cross + const + d * LOG_2PI
 
 
 def _noised_cov(cov: jax.Array, sigma, scale) -> jax.Array:
@@ -123,8 +127,7 @@ def _gaussian_posterior(y, mean, cov, sigma, scale):
 def _validate_cov(name: str, cov: jax.Array, d: int, *, leading: tuple = ()) -> None:
     if cov.shape not in (leading + (d,), leading + (d, d)):
         raise ValueError(
-            f"{name} must have shape {leading + (d,)} (diagonal) or {leading + (d, d)} (full), "
-            f"got {cov.shape}."
+            f"{name} must have shape {leading + (d,)} (diagonal) or {leading + (d, d)} (full), got {cov.shape}."
         )
     if is_concrete(cov):
         arr = np.asarray(cov)
@@ -134,9 +137,7 @@ def _validate_cov(name: str, cov: jax.Array, d: int, *, leading: tuple = ()) -> 
             check_finite(name, arr)
             eig = np.linalg.eigvalsh(0.5 * (arr + np.swapaxes(arr, -1, -2)))
             if not np.all(eig > 0):
-                raise ValueError(
-                    f"{name} must be symmetric positive definite; smallest eigenvalue {eig.min():.3g}."
-                )
+                raise ValueError(f"{name} must be symmetric positive definite; smallest eigenvalue {eig.min():.3g}.")
 
 
 def _float_array(name: str, value, ndim: int, what: str) -> jax.Array:
@@ -148,6 +149,7 @@ def _float_array(name: str, value, ndim: int, what: str) -> jax.Array:
     return arr
 
 
+@dataclass_transform(frozen_default=True)
 def _pytree_class(cls):
     """A frozen dataclass registered as a pytree whose rebuilding bypasses ``__init__``.
 
@@ -163,7 +165,7 @@ def _pytree_class(cls):
 
     def unflatten(_, leaves):
         obj = object.__new__(cls)
-        for n, leaf in zip(names, leaves):
+        for n, leaf in zip(names, leaves, strict=True):
             object.__setattr__(obj, n, leaf)
         return obj
 
@@ -237,7 +239,7 @@ class Gaussian:
             return self.mean + z * jnp.sqrt(self.cov)
         return self.mean + z @ jnp.linalg.cholesky(self.cov).T
 
-    def convolve(self, sigma, *, scale=1.0) -> "Gaussian":
+    def convolve(self, sigma, *, scale=1.0) -> Gaussian:
         """Law of ``scale * x + sigma * eps``: ``N(scale mean, scale^2 cov + sigma^2 I)``."""
         _check_noise(sigma, scale)
         return Gaussian(scale * self.mean, _noised_cov(self.cov, sigma, scale))
@@ -292,9 +294,7 @@ class GaussianMixture:
         if is_concrete(self.weights):
             w = np.asarray(self.weights, dtype=np.float64)
             if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-                raise ValueError(
-                    f"weights must be finite, non-negative and have a positive sum, got {self.weights!r}."
-                )
+                raise ValueError(f"weights must be finite, non-negative and have a positive sum, got {self.weights!r}.")
             weights = jnp.asarray(w / w.sum(), dtype=means.dtype)
         else:
             weights = jnp.asarray(self.weights, dtype=means.dtype)
@@ -361,7 +361,7 @@ class GaussianMixture:
         comp = jax.random.categorical(k_comp, jnp.log(self.weights), shape=(n,))
         return self.sample(key, n), comp
 
-    def convolve(self, sigma, *, scale=1.0) -> "GaussianMixture":
+    def convolve(self, sigma, *, scale=1.0) -> GaussianMixture:
         """Law of ``scale * x + sigma * eps``: each component noised, weights kept."""
         _check_noise(sigma, scale)
         covs = jax.vmap(lambda c: _noised_cov(c, sigma, scale))(self.covs)
@@ -371,9 +371,9 @@ class GaussianMixture:
         _check_points(y, self.dim, "x_noisy")
         _check_noise(sigma, scale)
         resp = self.convolve(sigma, scale=scale).responsibilities(y)  # p(k | y)
-        means, covs = jax.vmap(
-            lambda m, c: _gaussian_posterior(y, m, c, sigma, scale), out_axes=(1, 0)
-        )(self.means, self.covs)  # [B, K, d], [K, d, d]
+        means, covs = jax.vmap(lambda m, c: _gaussian_posterior(y, m, c, sigma, scale), out_axes=(1, 0))(
+            self.means, self.covs
+        )  # [B, K, d], [K, d, d]
         return resp, means, covs
 
     def posterior_mean(self, y: jax.Array, sigma, *, scale=1.0) -> jax.Array:

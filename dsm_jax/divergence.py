@@ -14,10 +14,9 @@ or ``[B]``), ``fn(x, sigma)`` is called with ``sigma`` as ``[B]`` and the
 divergence is taken in ``x``. Pass a noise-conditional model that way rather
 than as ``lambda z: fn(z, sigma_batch)``: the exact trace then slices sigma
 per example and runs its faster per-example path (a closure over a ``[B]``
-sigma cannot run on one example, so it takes the whole-batch fallback, which
-took 1.15-1.3x the time of the per-example path for MLP scores at d = 64,
-batch 64 on a CPU (1.5x in the report of issue 18), and warns with
-:class:`SlowPathWarning`).
+sigma cannot run on one example, so it takes the slower whole-batch fallback
+and warns with :class:`SlowPathWarning`; ``experiments/benchmarks/RESULTS.md``
+has the measurements).
 
 References:
     Hutchinson, "A stochastic estimator of the trace of the influence matrix
@@ -32,15 +31,17 @@ import math
 import os
 import sys
 import warnings
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from dsm_jax._checks import check_batched, check_choice, check_floating, check_key, check_positive_int, check_sigma
-from dsm_jax.parameterization import broadcast_sigma
+from dsm_jax._utils import to_batch
 
 PROBES = ("rademacher", "gaussian")
+TRACES = ("exact", "hutchinson")
+"""The trace estimators: :func:`exact_divergence` and :func:`hutchinson_divergence`."""
 
 VectorField = Callable[..., jax.Array]
 
@@ -66,13 +67,12 @@ def _batch_field(fn: VectorField, x: jax.Array, sigma):
         field, sigma_b = fn, None
     else:
         check_sigma(sigma, x.shape[0])
-        sigma_b = broadcast_sigma(sigma, x)
+        sigma_b = to_batch(sigma, x)
         field = lambda z: fn(z, sigma_b)
     out = jax.eval_shape(field, x)
     if out.shape != x.shape:
         raise ValueError(
-            f"fn must map x of shape {x.shape} to the same shape to have a divergence, "
-            f"got output shape {out.shape}."
+            f"fn must map x of shape {x.shape} to the same shape to have a divergence, got output shape {out.shape}."
         )
     return field, sigma_b
 
@@ -80,15 +80,14 @@ def _batch_field(fn: VectorField, x: jax.Array, sigma):
 AUTO_CHUNK_ROWS = 2048
 
 
-def resolve_chunk_size(chunk_size, batch: int, dim: int) -> Optional[int]:
+def resolve_chunk_size(chunk_size, batch: int, dim: int) -> int | None:
     """``None`` (the whole basis), a positive int, or ``"auto"`` resolved for ``batch`` and ``dim``.
 
     ``"auto"`` on a CPU takes chunks of ``max(1, 2048 // batch)`` directions
-    (about 2048 tangent rows per chunk, small enough to stay in cache): the
-    fastest setting measured for explicit score matching with an MLP score
-    (d = 64 and 256, batch 128: 16 directions, 20-30% less time than the whole
-    basis; ``experiments/benchmarks``). On accelerators it is the whole basis,
-    whose parallelism they use.
+    (about 2048 tangent rows per chunk, small enough to stay in cache, which
+    was faster than the whole basis for explicit score matching with MLP
+    scores; ``experiments/benchmarks/RESULTS.md`` has the measurements). On
+    accelerators it is the whole basis, whose parallelism they use.
     """
     if chunk_size is None:
         return None
@@ -124,7 +123,7 @@ def _acts_on_single_examples(fn: VectorField, x: jax.Array, sigma_b=None) -> boo
     return getattr(out, "shape", None) == one.shape
 
 
-def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, sigma=None, chunk_size: Union[int, str, None] = None):
+def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, sigma=None, chunk_size: int | str | None = None):
     """Returns ``(div fn(x) [B], fn(x) [B, *D])`` with one jvp per basis vector.
 
     How it is computed (both give the same numbers; the first is faster):
@@ -132,8 +131,7 @@ def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, sigma=None, chu
     * When ``fn`` also works on a batch of one, the jvps are ``jax.vmap``-ed
       over the examples outside and the basis inside, with the basis
       unbatched over the examples: the first layer's tangent ``W e_i`` is
-      then computed once, not once per example (about 30% less time for an
-      MLP score at d = 64-256). With ``sigma``, example ``b`` is called as
+      then computed once, not once per example. With ``sigma``, example ``b`` is called as
       ``fn(x[b:b+1], sigma[b:b+1])``.
     * Otherwise (a closure over per-example arrays of the batch) the whole
       batch is linearised once and the basis pushed through it (one
@@ -146,10 +144,11 @@ def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, sigma=None, chu
     field, sigma_b = _batch_field(fn, x, sigma)
     batch, dim = x.shape[0], math.prod(x.shape[1:])
     chunk_size = resolve_chunk_size(chunk_size, batch, dim)
-    chunked = chunk_size is not None and chunk_size < dim
-    num_chunks = -(-dim // chunk_size) if chunked else 1
+    per_chunk = dim if chunk_size is None else chunk_size
+    chunked = per_chunk < dim
+    num_chunks = -(-dim // per_chunk)
     # Out-of-range indices (padding the last chunk) give all-zero tangents.
-    indices = jnp.arange(num_chunks * (chunk_size if chunked else dim)).reshape(num_chunks, -1)
+    indices = jnp.arange(num_chunks * per_chunk).reshape(num_chunks, -1)
 
     if _acts_on_single_examples(fn, x, sigma_b):
 
@@ -158,7 +157,9 @@ def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, sigma=None, chu
             # same for every example (unbatched under the outer vmap).
             single = lambda z: _on_one(fn, z, si)
             basis = jax.nn.one_hot(idx, dim, dtype=x.dtype)
-            value, tangents = jax.vmap(lambda e: jax.jvp(single, (xi,), (e.reshape(xi.shape),)), out_axes=(None, 0))(basis)
+            value, tangents = jax.vmap(lambda e: jax.jvp(single, (xi,), (e.reshape(xi.shape),)), out_axes=(None, 0))(
+                basis
+            )
             return jnp.sum(tangents.reshape(-1, dim) * basis), value
 
         if not chunked:
@@ -168,8 +169,8 @@ def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, sigma=None, chu
 
     _warn_at_caller(
         "exact_divergence: fn cannot run on a batch of one example (it closes over arrays of the whole "
-        "batch, such as a [B] sigma), so the whole batch is differentiated at once, 1.15-1.5x slower "
-        "for an MLP. For the per-example path pass the model itself with its noise levels: "
+        "batch, such as a [B] sigma), so the whole batch is differentiated at once, which is slower. "
+        "For the per-example path pass the model itself with its noise levels: "
         "fn(x, sigma) with sigma=sigma_batch (exact_divergence, explicit_score_matching_loss)."
     )
     # The whole batch at once: linearise once, the primal pass shared by every direction.
@@ -187,7 +188,7 @@ def exact_divergence_and_value(fn: VectorField, x: jax.Array, *, sigma=None, chu
     return jnp.sum(jax.lax.map(part, indices), axis=0), value
 
 
-def exact_divergence(fn: VectorField, x: jax.Array, *, sigma=None, chunk_size: Union[int, str, None] = None) -> jax.Array:
+def exact_divergence(fn: VectorField, x: jax.Array, *, sigma=None, chunk_size: int | str | None = None) -> jax.Array:
     """Per-example trace of the Jacobian of ``fn`` at ``x``, exactly.
 
     ``div f(x) = sum_i (d f / d x)_{ii} = sum_i e_i^T J e_i``, one ``jax.jvp``

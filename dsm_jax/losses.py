@@ -28,7 +28,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,21 +47,15 @@ from dsm_jax._checks import (
     runtime_check_finite,
     runtime_check_positive,
 )
+from dsm_jax._utils import expand_to, to_batch
 from dsm_jax.divergence import (
+    TRACES,
     exact_divergence_and_value,
     hutchinson_divergence_and_value,
     sample_probes,
 )
-from dsm_jax.noise import Weighting, get_weighting, sample_log_uniform_sigmas
-from dsm_jax.parameterization import (
-    broadcast_sigma,
-    check_parameterization,
-    expand_to,
-    score_from_model,
-)
-
-SIGMA_SAMPLING = ("all", "random", "log_uniform", "stratified")
-TRACES = ("exact", "hutchinson")
+from dsm_jax.noise import WEIGHTINGS, Weighting, get_weighting, sample_log_uniform_sigmas
+from dsm_jax.parameterization import check_parameterization, model_to_score
 
 
 def _sum_per_example(v: jax.Array) -> jax.Array:
@@ -80,7 +75,7 @@ def _check_data(name: str, x) -> None:
 
 
 def explicit_score_matching_loss(
-    score_fn: Callable[..., jax.Array], x: jax.Array, *, sigma=None, chunk_size: Union[int, str, None] = "auto"
+    score_fn: Callable[..., jax.Array], x: jax.Array, *, sigma=None, chunk_size: int | str | None = "auto"
 ) -> jax.Array:
     """Hyvarinen's score matching with the exact Jacobian trace.
 
@@ -91,8 +86,9 @@ def explicit_score_matching_loss(
     For a noise-conditional model pass it with its levels,
     ``explicit_score_matching_loss(model_fn, x, sigma=sigma_batch)``, not as
     ``lambda z: model_fn(z, sigma_batch)``: the trace then runs per example,
-    13-22% less time for an MLP at d = 64, batch 64 on a CPU (the closure
-    takes the whole-batch fallback and warns).
+    the faster path (the closure cannot run on one example, so it takes the
+    whole-batch fallback and warns; see ``experiments/benchmarks/RESULTS.md``
+    for measurements).
 
     Args:
         score_fn: ``[B, *D] -> [B, *D]``, examples treated independently; with
@@ -102,7 +98,7 @@ def explicit_score_matching_loss(
         chunk_size: chunking of the trace's basis: ``None`` (all directions
             at once), a number of directions per chunk (bounds memory, also
             under ``jax.grad``), or ``"auto"`` (default: chunks of about 2048
-            tangent rows on a CPU, 20-30% less time there; the whole basis on
+            tangent rows on a CPU, which stay in cache; the whole basis on
             accelerators), see :func:`dsm_jax.divergence.resolve_chunk_size`.
 
     Returns:
@@ -151,7 +147,7 @@ def sliced_score_matching_loss(
     if sigma is not None:
         check_sigma(sigma, x.shape[0])
         runtime_check_positive("sigma", sigma)
-        sigma_b = broadcast_sigma(sigma, x)
+        sigma_b = to_batch(sigma, x)
         field = lambda z: score_fn(z, sigma_b)
     else:
         field = score_fn
@@ -186,7 +182,10 @@ def _check_dsm_inputs(x, sigma, key, parameterization):
 
 
 def _dsm_per_example(model_fn, x, sigma, eps, parameterization, scale):
-    """1/2 |s(scale x + sigma eps, sigma) + eps / sigma|^2 per example; sigma is [B]."""
+    """1/2 |s(scale x + sigma eps, sigma) + eps / sigma|^2 per example; sigma is [B].
+
+    ``parameterization`` was validated by the public entry.
+    """
     s_b = expand_to(sigma, x)
     x_noisy = scale * x + s_b * eps
     if parameterization == "eps":
@@ -195,7 +194,7 @@ def _dsm_per_example(model_fn, x, sigma, eps, parameterization, scale):
         if eps_hat.shape != x.shape:
             raise ValueError(f"model_fn returned shape {eps_hat.shape}, expected {x.shape}.")
         return 0.5 * _sum_per_example((eps - eps_hat) ** 2) / sigma**2
-    score = score_from_model(model_fn, x_noisy, sigma, parameterization=parameterization, scale=scale)
+    score = model_to_score(model_fn, x_noisy, sigma, parameterization, scale=scale)
     return 0.5 * _sum_per_example((score + eps / s_b) ** 2)
 
 
@@ -234,7 +233,7 @@ def dsm_loss(
         True
     """
     _check_dsm_inputs(x, sigma, key, parameterization)
-    sigma = broadcast_sigma(sigma, x)
+    sigma = to_batch(sigma, x)
     eps = jax.random.normal(key, x.shape, dtype=x.dtype)
     return jnp.mean(_dsm_per_example(model_fn, x, sigma, eps, parameterization, scale))
 
@@ -261,7 +260,7 @@ def _per_level_losses_given_eps(model_fn, x, sigmas, eps, parameterization, scal
     ``L`` copies of the batch stacked into one batch of ``L * B`` for a single
     model call: the same numbers, but the weight gradients are plain matrix
     products (a vmapped model call adds a transposing copy of every layer's
-    cotangent in the backward pass, about 25% of the step for an MLP on a CPU).
+    cotangent in the backward pass; see ``experiments/benchmarks/RESULTS.md``).
     Like every DSM loss, this needs a ``model_fn`` that treats examples independently.
     """
     num_levels, batch = eps.shape[0], x.shape[0]
@@ -377,31 +376,29 @@ def multiscale_dsm_loss(
         (10,)
     """
     _check_data("x", x)
-    check_choice("sigma_sampling", sigma_sampling, SIGMA_SAMPLING)
-    # The stratified cells run half-way to each neighbour: a non-monotone grid would overlap them.
-    check_sigma_schedule(sigmas, decreasing=False, monotone=sigma_sampling == "stratified")
+    mode = _SIGMA_SAMPLINGS[check_choice("sigma_sampling", sigma_sampling, SIGMA_SAMPLING)]
+    check_sigma_schedule(sigmas, decreasing=False, monotone=mode.monotone)
     runtime_check_positive("sigmas", sigmas)
     check_key(key, allow_batch=True)
     check_parameterization(parameterization)
     lam = get_weighting(weighting)
     sigmas = jnp.asarray(sigmas, dtype=x.dtype)
     num_levels = sigmas.shape[0]
-    draws = _multiscale_draws(key, x.shape, x.dtype, sigmas, sigma_sampling)
+    draws = _multiscale_draws(key, x.shape, x.dtype, sigmas, mode)
 
-    if sigma_sampling in ("all", "stratified"):
-        levels = sigmas if sigma_sampling == "all" else draws["grid"]
+    if mode.per_level:
+        levels = draws.get("levels", sigmas)  # [L, B] jittered levels, or the grid itself
         per_example = _per_level_losses_given_eps(model_fn, x, levels, draws["eps"], parameterization, scale)
         per_level = jnp.mean(per_example, axis=1)
-        weights = lam(sigmas)[:, None] if sigma_sampling == "all" else lam(levels)
-        loss = jnp.mean(weights * per_example)
+        weights = lam(levels)
+        loss = jnp.mean((weights[:, None] if weights.ndim == 1 else weights) * per_example)
     else:
         sigma_b = draws["sigma"]
         per_example = _dsm_per_example(model_fn, x, sigma_b, draws["eps"], parameterization, scale)
         loss = jnp.mean(lam(sigma_b) * per_example)
         if return_per_sigma:
-            if sigma_sampling == "random":
-                idx = draws["idx"]
-            else:  # log_uniform: diagnostics binned to the nearest grid level
+            idx = draws.get("idx")
+            if idx is None:  # a continuous level: diagnostics binned to the nearest grid level in log scale
                 idx = jnp.argmin(jnp.abs(jnp.log(sigma_b)[:, None] - jnp.log(sigmas)[None, :]), axis=1)
             sums = jax.ops.segment_sum(per_example, idx, num_segments=num_levels)
             counts = jax.ops.segment_sum(jnp.ones_like(per_example), idx, num_segments=num_levels)
@@ -418,43 +415,74 @@ def is_key_batch(key: jax.Array) -> bool:
     return key.ndim == 2
 
 
-def _multiscale_draws(key, x_shape, dtype, sigmas, sigma_sampling) -> dict:
-    """The random draws of :func:`multiscale_dsm_loss` for data of shape ``x_shape``.
+def _draw_all(key, x_shape, dtype, sigmas) -> dict:
+    """``eps [L, B, *D]``, level ``i`` from ``split(key, L)[i]``."""
+    return {"eps": _level_noise(key, sigmas.shape[0], x_shape, dtype)}
 
-    * "all": ``eps [L, B, *D]`` (level ``i`` from ``split(key, L)[i]``).
-    * "stratified": ``grid [L, B]`` and ``eps [L, B, *D]``.
-    * "random": ``idx [B]``, ``sigma [B]``, ``eps [B, *D]``; "log_uniform": ``sigma``, ``eps``.
+
+def _draw_stratified(key, x_shape, dtype, sigmas) -> dict:
+    """``levels [L, B]`` (each grid level jittered in its log cell) and ``eps [L, B, *D]``."""
+    num_levels = sigmas.shape[0]
+    k_u, k_loss = jax.random.split(key)
+    levels = _jitter_in_log_cells(sigmas, jax.random.uniform(k_u, (num_levels, x_shape[0]), dtype=dtype))
+    return {"levels": levels, "eps": _level_noise(k_loss, num_levels, x_shape, dtype)}
+
+
+def _draw_random(key, x_shape, dtype, sigmas) -> dict:
+    """``idx [B]`` uniform over the grid, ``sigma = sigmas[idx]`` and ``eps [B, *D]``."""
+    k_idx, k_eps = jax.random.split(key)
+    idx = jax.random.randint(k_idx, (x_shape[0],), 0, sigmas.shape[0])
+    return {"idx": idx, "sigma": sigmas[idx], "eps": jax.random.normal(k_eps, x_shape, dtype=dtype)}
+
+
+def _draw_log_uniform(key, x_shape, dtype, sigmas) -> dict:
+    """``sigma [B]`` log-uniform between the grid's ends and ``eps [B, *D]``."""
+    k_sigma, k_eps = jax.random.split(key)
+    sigma_b = sample_log_uniform_sigmas(k_sigma, (x_shape[0],), jnp.min(sigmas), jnp.max(sigmas)).astype(dtype)
+    return {"sigma": sigma_b, "eps": jax.random.normal(k_eps, x_shape, dtype=dtype)}
+
+
+class _SigmaSampling(NamedTuple):
+    """How :func:`multiscale_dsm_loss` picks the levels.
+
+    ``draw(key, x_shape, dtype, sigmas) -> dict`` makes the random draws;
+    ``per_level``: every example at every level (draws ``[L, B, ...]``), else one
+    level per example (draws ``[B, ...]``); ``monotone``: the grid must be
+    strictly monotone (the stratified cells run half-way to each neighbour,
+    so a non-monotone grid would overlap them).
+    """
+
+    draw: Callable[..., dict]
+    per_level: bool
+    monotone: bool = False
+
+
+_SIGMA_SAMPLINGS = {
+    "all": _SigmaSampling(_draw_all, per_level=True),
+    "random": _SigmaSampling(_draw_random, per_level=False),
+    "log_uniform": _SigmaSampling(_draw_log_uniform, per_level=False),
+    "stratified": _SigmaSampling(_draw_stratified, per_level=True, monotone=True),
+}
+SIGMA_SAMPLING = tuple(_SIGMA_SAMPLINGS)
+
+
+def _multiscale_draws(key, x_shape, dtype, sigmas, mode: _SigmaSampling) -> dict:
+    """The random draws of :func:`multiscale_dsm_loss` for data of shape ``x_shape`` (see ``mode.draw``).
 
     With ``[B]`` keys, example ``j``'s draws are those of a batch of one with ``key[j]``.
     """
-    if is_key_batch(key):
-        if key.shape[0] != x_shape[0]:
-            raise ValueError(f"key holds {key.shape[0]} keys but x has {x_shape[0]} examples; pass one key or one per example.")
-        one = jax.vmap(lambda k: _multiscale_draws(k, (1,) + tuple(x_shape[1:]), dtype, sigmas, sigma_sampling))(key)
-        # Each entry has the example axis at 0 (vmap) and a singleton batch axis (1 per-example
-        # entry: axis 1; per-level entries [L, 1, ...]: axis 2). Put the batch where a batch call has it.
-        out = {}
-        for name, v in one.items():
-            if sigma_sampling in ("all", "stratified"):  # [B, L, 1, ...] -> [L, B, ...]
-                out[name] = jnp.moveaxis(v[:, :, 0], 0, 1)
-            else:  # [B, 1, ...] -> [B, ...]
-                out[name] = v[:, 0]
-        return out
-    batch = x_shape[0]
-    num_levels = sigmas.shape[0]
-    if sigma_sampling == "all":
-        return {"eps": _level_noise(key, num_levels, x_shape, dtype)}
-    if sigma_sampling == "stratified":
-        k_u, k_loss = jax.random.split(key)
-        grid = _jitter_in_log_cells(sigmas, jax.random.uniform(k_u, (num_levels, batch), dtype=dtype))
-        return {"grid": grid, "eps": _level_noise(k_loss, num_levels, x_shape, dtype)}
-    k_idx, k_eps = jax.random.split(key)
-    eps = jax.random.normal(k_eps, x_shape, dtype=dtype)
-    if sigma_sampling == "random":
-        idx = jax.random.randint(k_idx, (batch,), 0, num_levels)
-        return {"idx": idx, "sigma": sigmas[idx], "eps": eps}
-    sigma_b = sample_log_uniform_sigmas(k_idx, (batch,), jnp.min(sigmas), jnp.max(sigmas)).astype(dtype)
-    return {"sigma": sigma_b, "eps": eps}
+    if not is_key_batch(key):
+        return mode.draw(key, x_shape, dtype, sigmas)
+    if key.shape[0] != x_shape[0]:
+        raise ValueError(
+            f"key holds {key.shape[0]} keys but x has {x_shape[0]} examples; pass one key or one per example."
+        )
+    one = jax.vmap(lambda k: mode.draw(k, (1,) + tuple(x_shape[1:]), dtype, sigmas))(key)
+    # Each entry has the example axis at 0 (vmap) and a singleton batch axis (per-example
+    # entries: axis 1; per-level entries [L, 1, ...]: axis 2). Put the batch where a batch call has it.
+    if mode.per_level:  # [B, L, 1, ...] -> [L, B, ...]
+        return {name: jnp.moveaxis(v[:, :, 0], 0, 1) for name, v in one.items()}
+    return {name: v[:, 0] for name, v in one.items()}  # [B, 1, ...] -> [B, ...]
 
 
 # ---------------------------------------------------------------------------
@@ -466,7 +494,7 @@ def sure_loss(
     denoiser_fn,
     y: jax.Array,
     sigma,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     *,
     num_probes: int = 1,
     trace: str = "hutchinson",
@@ -499,14 +527,16 @@ def sure_loss(
     check_sigma(sigma, y.shape[0])
     runtime_check_positive("sigma", sigma)
     check_choice("trace", trace, TRACES)
-    sigma_b = broadcast_sigma(sigma, y)
+    sigma_b = to_batch(sigma, y)
     if trace == "exact":
         div, x_hat = exact_divergence_and_value(denoiser_fn, y, sigma=sigma_b)
     else:
         if key is None:
             raise ValueError("key must be a PRNG key when trace='hutchinson', got None.")
         check_key(key)
-        div, x_hat = hutchinson_divergence_and_value(denoiser_fn, y, key, sigma=sigma_b, num_probes=num_probes, probe=probe)
+        div, x_hat = hutchinson_divergence_and_value(
+            denoiser_fn, y, key, sigma=sigma_b, num_probes=num_probes, probe=probe
+        )
     d = y[0].size
     per_example = _sum_per_example((y - x_hat) ** 2) - d * sigma_b**2 + 2.0 * sigma_b**2 * div
     return jnp.mean(per_example)
@@ -516,7 +546,7 @@ def sure_loss(
 # Continuous-time DSM for an SDE
 # ---------------------------------------------------------------------------
 
-SDE_WEIGHTINGS = ("sigma2", "one", "inv_sigma2", "likelihood")
+SDE_WEIGHTINGS = WEIGHTINGS + ("likelihood",)
 
 
 def sde_dsm_loss(

@@ -25,16 +25,18 @@ explicit arguments).
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsm_jax._checks import check_batched, check_positive_int, check_positive_number, check_sigma_schedule
+from dsm_jax._utils import row_blocks, sq_distances, to_batch
 from dsm_jax.distributions import GaussianMixture
 from dsm_jax.likelihood import bits_per_dim
-from dsm_jax.parameterization import ModelFn, ScoreFn, check_parameterization, score_from_model
+from dsm_jax.parameterization import ModelFn, ScoreFn, check_parameterization, model_to_score
 
 __all__ = [
     "FisherDivergence",
@@ -87,7 +89,9 @@ def _sq_norms(a: jax.Array) -> jax.Array:
     return jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
 
 
-def fisher_divergence(score_fn: ScoreFn, target_score_fn: ScoreFn, x: jax.Array, *, relative: bool = False) -> jax.Array:
+def fisher_divergence(
+    score_fn: ScoreFn, target_score_fn: ScoreFn, x: jax.Array, *, relative: bool = False
+) -> jax.Array:
     """Monte-Carlo Fisher divergence ``E_x |s(x) - s*(x)|^2`` over the points ``x``.
 
     With ``relative=True``: ``E_x |s(x) - s*(x)|^2 / E_x |s*(x)|^2`` (both
@@ -167,7 +171,7 @@ def per_sigma_fisher_divergence(
         i, sigma = args
         noised = distribution.convolve(sigma, scale=scale)
         x = noised.sample(jax.random.fold_in(key, i), num_samples)
-        model_score = score_from_model(model_fn, x, sigma, parameterization=parameterization, scale=scale)
+        model_score = model_to_score(model_fn, x, to_batch(sigma, x), parameterization, scale=scale)
         target = noised.score(x)
         err, norm = jnp.mean(_sq_norms(model_score - target)), jnp.mean(_sq_norms(target))
         return err, err / norm
@@ -183,11 +187,11 @@ def per_sigma_fisher_divergence(
 
 def rbf_kernel(a: jax.Array, b: jax.Array, bandwidth) -> jax.Array:
     """``k(a_i, b_j) = exp(-|a_i - b_j|^2 / (2 h^2)) -> [n, m]`` for flat ``a: [n, d]``, ``b: [m, d]``."""
-    d2 = jnp.sum(a**2, axis=1)[:, None] + jnp.sum(b**2, axis=1)[None, :] - 2.0 * a @ b.T
+    d2 = sq_distances(a, b)
     return jnp.exp(-jnp.maximum(d2, 0.0) / (2.0 * bandwidth**2))
 
 
-def median_bandwidth(x: jax.Array, y: Optional[jax.Array] = None, *, max_points: int = 1000) -> jax.Array:
+def median_bandwidth(x: jax.Array, y: jax.Array | None = None, *, max_points: int = 1000) -> jax.Array:
     """The median heuristic: ``h = median_{i<j} |z_i - z_j|`` over pooled points.
 
     ``z`` is the first ``max_points`` rows of ``x`` (or the first
@@ -216,9 +220,8 @@ def median_bandwidth(x: jax.Array, y: Optional[jax.Array] = None, *, max_points:
 @jax.jit
 def _median_distance(z: jax.Array) -> jax.Array:
     """Median pairwise distance of the rows of ``z`` (jitted: one compilation per shape when eager)."""
-    z = z - jnp.mean(z, axis=0)
-    sq = jnp.sum(z**2, axis=1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * z @ z.T
+    z = z - jnp.mean(z, axis=0)  # distances unchanged, the expansion better conditioned
+    d2 = sq_distances(z, z)
     i, j = jnp.triu_indices(z.shape[0], k=1)
     return jnp.sqrt(jnp.maximum(jnp.median(d2[i, j]), 0.0))
 
@@ -229,18 +232,9 @@ def _kernel_sum(a: jax.Array, b: jax.Array, bandwidth, block_size: int) -> jax.A
 
     Jitted so that eager calls of :func:`mmd2` reuse one compilation per shape.
     """
-    rows, weights = _blocks(a, block_size)
+    rows, weights = row_blocks(a, block_size)
     block_sums = jax.lax.map(lambda rw: rw[1] @ jnp.sum(rbf_kernel(rw[0], b, bandwidth), axis=1), (rows, weights))
     return jnp.sum(block_sums)
-
-
-def _blocks(a: jax.Array, block_size: int):
-    """``a: [n, d]`` zero-padded to ``[num_blocks, block_size, d]``, with a 0/1 mask ``[num_blocks, block_size]``."""
-    n = a.shape[0]
-    num_blocks = -(-n // block_size)
-    rows = jnp.zeros((num_blocks * block_size, a.shape[1]), a.dtype).at[:n].set(a)
-    mask = (jnp.arange(num_blocks * block_size) < n).astype(a.dtype)
-    return rows.reshape(num_blocks, block_size, -1), mask.reshape(num_blocks, block_size)
 
 
 def mmd2(
@@ -328,11 +322,11 @@ def _draw(reference, key: jax.Array, n: int) -> jax.Array:
 
 
 def mmd2_floor(
-    reference: Union[Callable[[jax.Array, int], jax.Array], jax.Array, np.ndarray],
+    reference: Callable[[jax.Array, int], jax.Array] | jax.Array | np.ndarray,
     key: jax.Array,
     n: int,
     *,
-    against: Optional[jax.Array] = None,
+    against: jax.Array | None = None,
     num_pairs: int = 8,
     bandwidth=None,
     block_size: int = 1024,
@@ -376,7 +370,7 @@ def mmd2_floor(
     if bandwidth is None:
         bandwidth = median_bandwidth(draws[0], seconds[0])
     values = jnp.stack(
-        [mmd2(a, b, bandwidth=bandwidth, block_size=block_size) for a, b in zip(draws[0::2], seconds)]
+        [mmd2(a, b, bandwidth=bandwidth, block_size=block_size) for a, b in zip(draws[0::2], seconds, strict=True)]
     )
     return MMDFloor(jnp.sqrt(jnp.mean(values**2)), values, jnp.asarray(bandwidth))
 
@@ -464,7 +458,7 @@ class ModeWeights(NamedTuple):
 
 
 def mode_weights(
-    samples: jax.Array, mixture: GaussianMixture, *, max_mahalanobis: Optional[float] = None, block_size: int = 4096
+    samples: jax.Array, mixture: GaussianMixture, *, max_mahalanobis: float | None = None, block_size: int = 4096
 ) -> ModeWeights:
     """Assigns each sample to its most responsible component and counts.
 
@@ -509,7 +503,7 @@ def _mode_weights(samples, mixture: GaussianMixture, max_mahalanobis, block_size
         keep = valid * (maha2 <= jnp.square(max_mahalanobis))
         return jnp.sum(jax.nn.one_hot(assign, mixture.num_components) * keep[:, None], axis=0)
 
-    counts = jnp.sum(jax.lax.map(block_counts, _blocks(samples, block_size)), axis=0)
+    counts = jnp.sum(jax.lax.map(block_counts, row_blocks(samples, block_size)), axis=0)
     total = jnp.sum(counts)
     n = samples.shape[0]
     return ModeWeights(counts / total, counts, (n - total) / n)

@@ -10,7 +10,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +25,11 @@ from dsm_jax._checks import (
     check_positive_number,
     check_sigma_schedule,
 )
+from dsm_jax._utils import row_blocks, sq_distances
 
 WEIGHTINGS = ("sigma2", "one", "inv_sigma2")
 
-Weighting = Union[str, Callable[[jax.Array], jax.Array]]
+Weighting = str | Callable[[jax.Array], jax.Array]
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num: int) -> jax.Array:
@@ -57,7 +58,9 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num: int) -> jax.Array:
     return jnp.asarray(np.geomspace(sigma_max, sigma_min, num), dtype=jnp.float32)
 
 
-def sample_log_uniform_sigmas(key: jax.Array, shape, sigma_min: float, sigma_max: float, *, dtype=jnp.float32) -> jax.Array:
+def sample_log_uniform_sigmas(
+    key: jax.Array, shape, sigma_min: float | jax.Array, sigma_max: float | jax.Array, *, dtype=jnp.float32
+) -> jax.Array:
     """``log sigma ~ Uniform(log sigma_min, log sigma_max)``: the continuous analogue of a geometric grid.
 
     Both ends must be positive finite numbers of ``dtype`` (as for :func:`geometric_sigmas`).
@@ -113,20 +116,15 @@ def ncsnv2_sigma_max(data, *, block_size: int = 1024) -> float:
     flat = data.reshape(data.shape[0], -1)
     # Centering does not change distances and keeps |a|^2 + |b|^2 - 2ab well conditioned.
     flat = flat - jnp.mean(flat, axis=0)
-    n = flat.shape[0]
-    sq = jnp.sum(flat**2, axis=1)
-    num_blocks = -(-n // block_size)
-    pad = num_blocks * block_size - n
-    rows = jnp.pad(flat, ((0, pad), (0, 0))).reshape(num_blocks, block_size, -1)
-    row_sq = jnp.pad(sq, (0, pad), constant_values=-jnp.inf).reshape(num_blocks, block_size)
+    rows, mask = row_blocks(flat, block_size)
 
     @jax.jit
     def block_max(carry, block):
-        r, rsq = block
-        d2 = rsq[:, None] + sq[None, :] - 2.0 * r @ flat.T
+        r, valid = block
+        d2 = jnp.where(valid[:, None] > 0, sq_distances(r, flat), 0.0)  # padding rows count as 0
         return jnp.maximum(carry, jnp.max(d2)), None
 
-    best, _ = jax.lax.scan(block_max, jnp.float32(0.0), (rows, row_sq))
+    best, _ = jax.lax.scan(block_max, jnp.float32(0.0), (rows, mask))
     return float(jnp.sqrt(jnp.maximum(best, 0.0)))
 
 

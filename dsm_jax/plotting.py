@@ -4,8 +4,11 @@ matplotlib is an optional extra (``pip install "dsm_jax[plots]"``); it is
 imported when a function here is called, with a clear error if it is
 missing. Figures are built with ``matplotlib.figure.Figure`` directly, not
 through ``pyplot``: nothing depends on a display or a global backend (PNG
-files are rendered by Agg), no figure is left open in a loop, and a returned
-figure still shows inline in Jupyter.
+files are rendered by Agg), a script opens no window, and no figure is left
+open in a loop. A returned figure shows as a PNG image when it ends a
+notebook cell (or is passed to ``IPython.display.display``), in Jupyter and
+Colab alike and without ``%matplotlib inline``: it has ``_repr_png_``,
+IPython's hook for objects that render themselves.
 
 Every function returns the figure and, given ``path``, also writes it as a
 PNG (``dpi`` keyword, parent directories created).
@@ -13,12 +16,16 @@ PNG (``dpi`` keyword, parent directories created).
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import math
 import os
 from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from dsm_jax._checks import check_positive_int
 
 __all__ = [
     "plot_image_grid",
@@ -36,15 +43,30 @@ _DATA_COLOR = "#9aa5b1"
 _SAMPLE_COLOR = "#d1495b"
 
 
+@functools.lru_cache(maxsize=None)
+def _inline_figure_class(figure_class: type) -> type:
+    """``figure_class`` with ``_repr_png_``, so that notebooks show it without pyplot."""
+
+    class InlineFigure(figure_class):
+        """A ``matplotlib.figure.Figure`` that IPython displays as a PNG image."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png")
+            return buffer.getvalue()
+
+    return InlineFigure
+
+
 def _figure(nrows: int = 1, ncols: int = 1, *, size: Tuple[float, float] = (4.2, 4.0), **kwargs):
-    """A new ``Figure`` with an ``nrows x ncols`` grid of axes (always a 2-D array)."""
+    """A new figure with an ``nrows x ncols`` grid of axes (always a 2-D array)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
             'dsm_jax.plotting needs matplotlib: pip install "dsm_jax[plots]" (or pip install matplotlib).'
         ) from None
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    fig = _inline_figure_class(Figure)(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     return fig, axes
 
@@ -80,16 +102,47 @@ def _limits(name: str, lim: Optional[Limits], *arrays: Optional[np.ndarray], axi
 
 
 def _scatter(ax, pts: np.ndarray, color: str, label: str):
-    size = float(np.clip(2000.0 / len(pts), 0.5, 12.0))
-    ax.scatter(pts[:, 0], pts[:, 1], s=size, c=color, alpha=0.6, linewidths=0, label=label, rasterized=True)
+    # Marker area in pt^2: readable dots for a few hundred points, no solid blot for tens of thousands.
+    size = float(np.clip(12000.0 / len(pts), 3.0, 30.0))
+    ax.scatter(pts[:, 0], pts[:, 1], s=size, c=color, alpha=0.55, linewidths=0, label=label, rasterized=True)
 
 
 def _style_2d(ax, xlim: Limits, ylim: Limits, title: Optional[str]):
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     ax.set_aspect("equal")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
     if title:
         ax.set_title(title)
+
+
+def _density_limits(
+    log_prob_fn: Callable[[Any], Any], *, threshold: float = 1e-2, size: int = 65
+) -> Tuple[Limits, Limits]:
+    """The box holding where ``exp(log_prob_fn)`` exceeds ``threshold`` times its maximum, with a 10% margin.
+
+    Searched on a ``size^2`` grid from ``[-3, 3]^2``, doubled (up to 64 times)
+    while the region touches the box's edge; ``[-3, 3]^2`` if nothing is found.
+    """
+    half, centre = 3.0, np.zeros(2)
+    for _ in range(7):
+        axis = np.linspace(-half, half, size)
+        grid = np.stack(np.meshgrid(centre[0] + axis, centre[1] + axis), axis=-1).reshape(-1, 2).astype(np.float32)
+        log_p = np.asarray(log_prob_fn(grid), np.float64).reshape(size, size)  # [y, x]
+        finite = np.isfinite(log_p)
+        if not finite.any():
+            break
+        inside = finite & (log_p >= np.max(log_p[finite]) + math.log(threshold))
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        if rows[0] > 0 and cols[0] > 0 and rows[-1] < size - 1 and cols[-1] < size - 1:
+            step = axis[1] - axis[0]
+            low = centre + np.array([axis[cols[0]], axis[rows[0]]]) - step
+            high = centre + np.array([axis[cols[-1]], axis[rows[-1]]]) + step
+            pad = 0.1 * (high - low)
+            return (float(low[0] - pad[0]), float(high[0] + pad[0])), (float(low[1] - pad[1]), float(high[1] + pad[1]))
+        half *= 2.0
+    return (-3.0, 3.0), (-3.0, 3.0)
 
 
 # ---------------------------------------------------------------------------
@@ -110,22 +163,28 @@ def plot_score_field(
     path: Optional[PathLike] = None,
     dpi: int = 120,
 ):
-    """Arrows of a 2-D score over a heat map of the density.
+    """Arrows of a 2-D score over a heat map of the density, with a colorbar.
 
     The background is ``exp(log_prob_fn)`` on a ``resolution^2`` grid when
     ``log_prob_fn`` is given (e.g. the exact density), else a 2-D histogram
-    of ``data``, else blank. Arrows show the direction of ``s(x)`` on a
-    ``num_arrows^2`` grid; their length grows like ``|s|`` for small scores
-    and saturates for large ones (``|s| / (|s| + c)``, ``c`` the median
-    norm), so the field stays readable far from the data where scores are huge.
+    of ``data``, else blank; the colorbar gives its scale. Arrows show the
+    direction of ``s(x)`` on a grid of square cells, ``num_arrows`` along
+    the longer side; their length is normalised, ``|s| / (|s| + c)`` with
+    ``c`` the median norm on the grid (so it grows like ``|s|`` for small
+    scores and saturates for large ones, and the field stays readable far
+    from the data where scores are huge); a note under the plot says so.
+
+    The default limits crop to the data: from ``data`` when given, else to
+    where the density is above 1% of its peak (plus a 10% margin), else
+    ``[-3, 3]``.
 
     Args:
         score_fn: ``score_fn(x [B, 2]) -> [B, 2]``, e.g.
             ``lambda x: model_fn(x, jnp.full(len(x), sigma))``.
         log_prob_fn: ``log_prob_fn(x [B, 2]) -> [B]``, optional.
         data: ``[N, 2]`` points for the histogram (and the default limits).
-        xlim, ylim: plot limits; default from ``data`` (or ``[-3, 3]``).
-        num_arrows: arrows per side.
+        xlim, ylim: plot limits; default as above.
+        num_arrows: arrows along the longer side (>= 2).
         resolution: heat-map pixels per side.
         title: axes title.
         path: where to write a PNG.
@@ -134,11 +193,16 @@ def plot_score_field(
     Returns:
         The matplotlib ``Figure``.
     """
+    num_arrows = check_positive_int("num_arrows", num_arrows, minimum=2)
     data = None if data is None else _points("data", data)
+    if data is None and log_prob_fn is not None and xlim is None and ylim is None:
+        xlim, ylim = _density_limits(log_prob_fn)
     default = (-3.0, 3.0)
     xlim = _limits("xlim", xlim if (xlim is not None or data is not None) else default, data, axis=0)
     ylim = _limits("ylim", ylim if (ylim is not None or data is not None) else default, data, axis=1)
-    fig, axes = _figure()
+    # Height from the aspect of the limits (equal axes), so a wide field is not a strip under a tall colorbar.
+    aspect = float(np.clip((ylim[1] - ylim[0]) / (xlim[1] - xlim[0]), 0.4, 2.5))
+    fig, axes = _figure(size=(5.0, 3.6 * aspect + 1.0))
     ax = axes[0, 0]
 
     if log_prob_fn is not None or data is not None:
@@ -146,22 +210,36 @@ def plot_score_field(
             gx, gy = np.linspace(*xlim, resolution), np.linspace(*ylim, resolution)
             grid = np.stack(np.meshgrid(gx, gy), axis=-1).reshape(-1, 2).astype(np.float32)
             density = np.exp(np.asarray(log_prob_fn(grid), np.float64)).reshape(resolution, resolution)
+            label = "density"
         else:
-            density, _, _ = np.histogram2d(data[:, 1], data[:, 0], bins=resolution // 2, range=[ylim, xlim])
-        ax.imshow(density, origin="lower", extent=(*xlim, *ylim), cmap="Blues", aspect="auto", interpolation="bilinear")
+            # About 4 points per bin along each side's sqrt(N) / 2 bins: a smooth picture, not shot noise.
+            bins = int(np.clip(math.sqrt(len(data)) / 2, 10, resolution // 2))
+            counts, _, _ = np.histogram2d(data[:, 1], data[:, 0], bins=bins, range=[ylim, xlim])
+            cell_area = (xlim[1] - xlim[0]) * (ylim[1] - ylim[0]) / bins**2
+            density = counts / (len(data) * cell_area)  # a density estimate, comparable with a true density
+            label = "density (histogram of the data)"
+        image = ax.imshow(density, origin="lower", extent=(*xlim, *ylim), cmap="Blues", aspect="auto",
+                          interpolation="bilinear")
+        fig.colorbar(image, ax=ax, shrink=0.85, label=label)
 
-    ax_x, ax_y = np.linspace(*xlim, num_arrows), np.linspace(*ylim, num_arrows)
+    # Square cells: num_arrows along the longer side, as many as fit along the other.
+    width, height = xlim[1] - xlim[0], ylim[1] - ylim[0]
+    cell = max(width, height) / (num_arrows - 1)
+    nx, ny = (max(2, int(round(extent / cell)) + 1) for extent in (width, height))
+    ax_x, ax_y = np.linspace(*xlim, nx), np.linspace(*ylim, ny)
     pts = np.stack(np.meshgrid(ax_x, ax_y), axis=-1).reshape(-1, 2).astype(np.float32)
     s = np.asarray(score_fn(pts), np.float64)
     if s.shape != pts.shape:
         raise ValueError(f"score_fn must return shape [B, 2]={pts.shape}, got {s.shape}.")
     norm = np.linalg.norm(s, axis=1, keepdims=True)
     c = max(float(np.median(norm)), 1e-12)
-    cell = min(xlim[1] - xlim[0], ylim[1] - ylim[0]) / (num_arrows - 1)
+    cell = min(width / (nx - 1), height / (ny - 1))
     arrows = 0.9 * cell * s / (norm + c)
     ax.quiver(pts[:, 0], pts[:, 1], arrows[:, 0], arrows[:, 1], angles="xy", scale_units="xy", scale=1.0,
               color="#1b1b1b", width=0.004, headwidth=3.5)
     _style_2d(ax, xlim, ylim, title)
+    fig.supxlabel(f"arrows: direction of the score, length normalised to |s| / (|s| + c), c = median |s| = {c:.3g}",
+                  fontsize=8, color="#555555")
     return _finish(fig, path, dpi)
 
 
@@ -181,6 +259,9 @@ def plot_samples(
     dpi: int = 120,
 ):
     """Generated 2-D samples, next to the data when given (two panels, same limits).
+
+    Panel titles give the number of points and, when some lie beyond the
+    limits (not drawn), how many.
 
     Args:
         samples: ``[N, 2]``.
@@ -204,7 +285,12 @@ def plot_samples(
     fig, axes = _figure(1, len(panels), size=(4.2, 4.2 * aspect + 0.5), sharex=True, sharey=True)
     for ax, (pts, color, title) in zip(axes[0], panels):
         _scatter(ax, pts, color, title)
-        _style_2d(ax, xlim, ylim, f"{title} ({len(pts)})")
+        shown = (pts[:, 0] >= xlim[0]) & (pts[:, 0] <= xlim[1]) & (pts[:, 1] >= ylim[0]) & (pts[:, 1] <= ylim[1])
+        outside = int(np.sum(~shown))
+        # Points beyond the limits are not drawn: say how many, so a diffuse sampler is not mistaken for a sparse one.
+        _style_2d(ax, xlim, ylim, f"{title} (n = {len(pts)}" + (f", {outside} outside)" if outside else ")"))
+    for ax in axes[0, 1:]:
+        ax.set_ylabel("")
     return _finish(fig, path, dpi)
 
 
@@ -375,13 +461,20 @@ def plot_losses(
     list of dicts with ``step``, ``loss`` and optionally ``per_sigma_loss``
     (a list, one entry per noise level) and ``grad_norm``); event records
     are skipped and null values (non-finite) leave gaps. Panels for
-    missing keys are omitted. Per-sigma losses are coloured from the
-    largest noise level (dark) to the smallest (light) and labelled with
-    ``sigmas`` when given.
+    missing keys are omitted.
+
+    ``loss`` is what the optimiser minimised, the lambda(sigma)-weighted
+    mean over the levels (:func:`dsm_jax.losses.multiscale_dsm_loss`);
+    ``per_sigma_loss`` holds the *unweighted* DSM loss of each level, which
+    grows like ``1 / sigma^2`` (``d / (2 sigma^2)`` for an untrained
+    model), so the per-sigma curves span decades. They are coloured by
+    ``log sigma`` with a colorbar (by level index without ``sigmas``), which
+    stays readable at any number of levels. ``grad_norm`` is the global norm
+    of the gradient before clipping.
 
     Args:
         metrics: path or records.
-        sigmas: ``[L]`` noise levels for the legend, optional.
+        sigmas: ``[L]`` noise levels for the colorbar, optional.
         title: figure title.
         path: where to write a PNG.
         dpi: PNG resolution.
@@ -398,34 +491,45 @@ def plot_losses(
         records = [r for r in metrics if isinstance(r, dict) and "event" not in r and "loss" in r]
     if not records:
         raise ValueError("metrics holds no training records (dicts with 'step' and 'loss').")
-    panels = [("loss", "loss")]
+    panels = [("loss", "training loss (weighted over sigma)", "loss")]
     per_sigma_steps, per_sigma = _series(records, "per_sigma_loss")
     if per_sigma.ndim == 2 and per_sigma.size:
-        panels.append(("per_sigma_loss", "per-sigma loss"))
-        if sigmas is not None and len(sigmas) != per_sigma.shape[1]:
-            raise ValueError(
-                f"sigmas has {len(sigmas)} entries but per_sigma_loss has {per_sigma.shape[1]} per record."
-            )
+        panels.append(("per_sigma_loss", "per-sigma loss (unweighted)", "DSM loss at sigma"))
+        if sigmas is not None:
+            sigmas = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+            if len(sigmas) != per_sigma.shape[1]:
+                raise ValueError(
+                    f"sigmas has {len(sigmas)} entries but per_sigma_loss has {per_sigma.shape[1]} per record."
+                )
+            if not np.all(sigmas > 0):
+                raise ValueError(f"sigmas must be positive, got {sigmas.tolist()}.")
     if any(r.get("grad_norm") is not None for r in records):
-        panels.append(("grad_norm", "gradient norm"))
+        panels.append(("grad_norm", "gradient norm", "global norm (before clipping)"))
 
-    from matplotlib import colormaps
+    from matplotlib import cm, colormaps, colors
 
     fig, axes = _figure(1, len(panels), size=(4.4, 3.4))
-    for ax, (key, label) in zip(axes[0], panels):
+    for ax, (key, label, ylabel) in zip(axes[0], panels):
         if key == "per_sigma_loss":
-            colors = colormaps["viridis"](np.linspace(0.0, 0.9, per_sigma.shape[1]))
+            if sigmas is not None:
+                norm = colors.LogNorm(vmin=float(sigmas.min()), vmax=float(sigmas.max()))
+                if norm.vmin == norm.vmax:  # one level: LogNorm needs vmin < vmax
+                    norm = colors.LogNorm(vmin=norm.vmin / 2, vmax=norm.vmax * 2)
+                values, bar_label = sigmas, "sigma (log scale)"
+            else:
+                norm = colors.Normalize(vmin=0, vmax=max(per_sigma.shape[1] - 1, 1))
+                values, bar_label = np.arange(per_sigma.shape[1]), "noise level index"
+            mappable = cm.ScalarMappable(norm=norm, cmap=colormaps["viridis"])
             for i in range(per_sigma.shape[1]):
-                name = f"sigma={sigmas[i]:.3g}" if sigmas is not None else f"level {i}"
-                ax.plot(per_sigma_steps, per_sigma[:, i], color=colors[i], lw=1.0, label=name)
-            if per_sigma.shape[1] <= 12:
-                ax.legend(fontsize=6, ncol=2)
+                ax.plot(per_sigma_steps, per_sigma[:, i], color=mappable.to_rgba(values[i]), lw=1.0)
+            fig.colorbar(mappable, ax=ax, label=bar_label)
         else:
             steps, values = _series(records, key)
             ax.plot(steps, values, color="#1f77b4", lw=1.2)
         if np.nanmin(_series(records, key)[1], initial=np.inf) > 0:
             ax.set_yscale("log")
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         ax.set_title(label)
         ax.grid(alpha=0.3)
     if title:

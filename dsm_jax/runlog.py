@@ -39,7 +39,7 @@ class MetricsLogWarning(RuntimeWarning):
     """A line of ``metrics.jsonl`` was unreadable (a partial write) and was skipped or dropped."""
 
 
-def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
+def write_atomic(path: PathLike, write: Callable[[Path], object]) -> None:
     """Writes ``path`` through ``write(tmp_path)``, flushes it to disk, then renames: never half-written.
 
     A reader (or a process killed at any moment) sees the old file or the

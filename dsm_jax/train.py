@@ -8,15 +8,19 @@ The pieces, from the inside out:
 * :func:`make_train_step`: a pure ``train_step(state, batch, key) ->
   (state, metrics)`` from any ``loss_fn(params, batch, key)``; with
   ``axis_name`` the gradients and metrics are ``lax.pmean``-ed;
-* :func:`make_dsm_loss_fn`: multi-scale DSM for a Flax module, as such a
-  ``loss_fn`` (with per-sigma diagnostics);
-* :func:`train`: the driver. It ``pmap``-s the step once over
+* :func:`make_multi_step`: ``k`` such steps in one call (a ``lax.scan``,
+  straight-line code for ``k = 1``), the loop of every training run;
+* :func:`train`: the driver. It ``pmap``-s the multi-step once over
   ``jax.local_devices()``, shards each global batch as
-  ``[devices, per_device, ...]``, optionally scans ``k`` steps per device
-  call, keeps an EMA of the parameters, logs JSON lines and a tqdm bar,
-  checkpoints with orbax (:mod:`dsm_jax.checkpoint`), resumes exactly,
-  stops on non-finite values and saves on SIGTERM/SIGINT
-  (:class:`TrainingInterrupted`, :class:`TrainingTerminated`).
+  ``[devices, per_device, ...]``, keeps an EMA of the parameters, stops on
+  non-finite values and shows a tqdm bar; with a work directory it also
+  logs JSON lines, checkpoints with orbax (:mod:`dsm_jax.checkpoint`),
+  resumes exactly and saves on SIGTERM/SIGINT (:class:`TrainingInterrupted`,
+  :class:`TrainingTerminated`); without one it trains in memory.
+
+The Flax wiring of the DSM loss, :func:`dsm_jax.models.make_dsm_loss_fn`,
+lives with the model wrapper; ``dsm_jax.train.make_dsm_loss_fn`` still
+imports it (lazily, so this module does not load the networks).
 
 Randomness is a pure function of ``(seed, step)``: the key of step ``s`` is
 ``fold_in(key(seed), s)`` and, by default, example ``j`` of the global batch
@@ -36,6 +40,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,19 +59,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dsm_jax._checks import (
-    check_choice,
-    check_positive_int,
-    check_positive_number,
-    check_sigma_schedule,
-    runtime_checks_enabled,
-)
+from dsm_jax._checks import check_choice, check_positive_int, check_positive_number, runtime_checks_enabled
 from dsm_jax.checkpoint import Checkpointer
 from dsm_jax.data import shard_batch
-from dsm_jax.losses import SIGMA_SAMPLING, multiscale_dsm_loss
-from dsm_jax.models.apply import make_model_fn
-from dsm_jax.noise import Weighting, get_weighting
-from dsm_jax.parameterization import check_parameterization
 from dsm_jax.runlog import read_metrics, repair_metrics
 
 __all__ = [
@@ -77,7 +72,7 @@ __all__ = [
     "TrainingInterrupted",
     "TrainingTerminated",
     "create_train_state",
-    "make_dsm_loss_fn",
+    "make_multi_step",
     "make_optimizer",
     "make_train_step",
     "read_metrics",
@@ -89,6 +84,16 @@ OPTIMIZERS = ("adam", "adamw")
 _CHECKED_METRICS = ("loss", "grad_norm")
 
 LossFn = Callable[[Any, Any, jax.Array], Any]
+
+
+def __getattr__(name: str) -> Any:
+    # make_dsm_loss_fn lives with the model wrapper (dsm_jax.models.apply); it is imported on first
+    # use so that this module does not load the networks (flax.linen) for losses that need none.
+    if name == "make_dsm_loss_fn":
+        from dsm_jax.models.apply import make_dsm_loss_fn
+
+        return make_dsm_loss_fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class NonFiniteError(FloatingPointError):
@@ -247,6 +252,7 @@ def make_train_step(
     ema_decay: float = 0.999,
     axis_name: Optional[str] = None,
     per_example_keys: bool = True,
+    loss_takes_key_batch: Optional[bool] = None,
 ):
     """A pure ``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -261,10 +267,15 @@ def make_train_step(
     needs a loss that is a mean over examples (all DSM losses are) and makes
     the update independent of how the batch is split over devices. Otherwise
     the loss sees the whole local batch with ``fold_in(key, axis_index)``.
-    A loss marked ``loss_fn.accepts_key_batch = True`` (those of
-    :func:`make_dsm_loss_fn`) receives the ``[B]`` per-example keys and the
-    whole batch instead of being vmapped: the same draws, the model run on the
-    batch at once (about 20% faster for an MLP at batch 2048 on a CPU).
+
+    With ``loss_takes_key_batch=True`` (and ``per_example_keys``) the loss is
+    not vmapped: it receives the whole batch and the ``[B]`` per-example keys
+    and must draw example ``j``'s randomness from ``keys[j]`` (the losses of
+    :func:`dsm_jax.models.make_dsm_loss_fn` do). The same draws as the vmap,
+    with the model run on the batch at once rather than example by example
+    (faster). Left at None it is read from the
+    loss's ``accepts_key_batch`` attribute (False when absent), which
+    ``make_dsm_loss_fn`` sets.
 
     Args:
         loss_fn: ``loss_fn(params, batch, key)``.
@@ -272,6 +283,8 @@ def make_train_step(
         ema_decay: EMA decay in ``[0, 1)`` (0 keeps ``ema_params = params``).
         axis_name: the ``pmap`` axis; gradients and metrics are ``lax.pmean``-ed over it.
         per_example_keys: see above.
+        loss_takes_key_batch: see above; an explicit value overrides the
+            loss's ``accepts_key_batch`` attribute.
 
     Returns:
         ``train_step``; metrics hold "loss", "grad_norm" (of the averaged
@@ -283,7 +296,11 @@ def make_train_step(
     """
     ema_decay = _check_ema_decay(ema_decay)
     loss_aux = _with_aux(loss_fn)
-    batched_keys = per_example_keys and getattr(loss_fn, "accepts_key_batch", False)
+    if loss_takes_key_batch is None:
+        loss_takes_key_batch = bool(getattr(loss_fn, "accepts_key_batch", False))
+    elif not isinstance(loss_takes_key_batch, bool):
+        raise ValueError(f"loss_takes_key_batch must be True, False or None, got {loss_takes_key_batch!r}.")
+    batched_keys = per_example_keys and loss_takes_key_batch
 
     def objective(params, batch, key):
         if not per_example_keys:
@@ -318,43 +335,55 @@ def make_train_step(
     return train_step
 
 
-def make_dsm_loss_fn(
-    model,
-    sigmas,
-    *,
-    weighting: Weighting = "sigma2",
-    parameterization: str = "score",
-    sigma_sampling: str = "all",
-    scale_by_sigma: bool = False,
-) -> LossFn:
-    """Multi-scale DSM of a Flax module as ``loss_fn(params, x, key) -> (loss, {"per_sigma_loss": [L]})``.
+def make_multi_step(train_step: Callable, *, unroll: Union[int, bool] = 1) -> Callable:
+    """``run_steps(state, stacked_batches, base_key) -> (state, stacked_metrics)``: ``k`` train steps in one call.
 
-    ``loss = sum_i lambda(sigma_i) L(sigma_i) / L`` by
-    :func:`dsm_jax.losses.multiscale_dsm_loss` on
-    ``make_model_fn(model, params, scale_by_sigma=...)``.
+    The loop that :func:`train`, the experiments and the benchmarks run in
+    one device call. Every leaf of ``stacked_batches`` is ``[k, ...]``; the
+    ``i``-th step runs ``train_step(state, stacked_batches[i], key)`` with
+    ``key = fold_in(base_key, state.step)`` (so the key of a step is a
+    function of the run's key and the step index alone), and the metrics come
+    back stacked ``[k, ...]``.
+
+    ``k > 1`` is a ``lax.scan`` with ``unroll``; ``k = 1`` is straight-line
+    code without a loop: XLA's CPU backend runs a convolutional step inside a
+    one-trip scan many times slower than outside one (the U-Net measurement is
+    in ``experiments/benchmarks/RESULTS.md``), while MLPs gain from scanning
+    ``k > 1`` steps. ``k`` is a static shape: each distinct ``k`` compiles once.
+
+    ``run_steps`` is pure; jit it, or pmap it with ``in_axes=(0, 0, None)``
+    when ``train_step`` has an ``axis_name``.
+
+    Args:
+        train_step: ``train_step(state, batch, key) -> (state, metrics)``
+            (e.g. :func:`make_train_step`) on a state with a ``step`` field.
+        unroll: ``lax.scan`` unrolling (an int >= 1, or True for a full unroll).
+
+    Returns:
+        ``run_steps``.
+
+    Example:
+        >>> loss_fn = lambda p, x, key: jnp.mean((x - p["mu"]) ** 2)
+        >>> opt = optax.sgd(0.1)
+        >>> run_steps = jax.jit(make_multi_step(make_train_step(loss_fn, opt)))
+        >>> state = create_train_state({"mu": jnp.zeros(2)}, opt)
+        >>> state, metrics = run_steps(state, jnp.ones((5, 4, 2)), jax.random.key(0))  # 5 steps, batch 4
+        >>> int(state.step), metrics["loss"].shape
+        (5, (5,))
     """
-    check_sigma_schedule(sigmas, decreasing=False, monotone=sigma_sampling == "stratified")
-    check_parameterization(parameterization)
-    check_choice("sigma_sampling", sigma_sampling, SIGMA_SAMPLING)
-    get_weighting(weighting)
-    sigmas = jnp.asarray(sigmas, jnp.float32)
+    if not isinstance(unroll, bool):
+        check_positive_int("unroll", unroll)
 
-    def loss_fn(params, x, key):
-        model_fn = make_model_fn(model, params, scale_by_sigma=scale_by_sigma)
-        loss, per_sigma = multiscale_dsm_loss(
-            model_fn,
-            x,
-            sigmas,
-            key,
-            weighting=weighting,
-            parameterization=parameterization,
-            sigma_sampling=sigma_sampling,
-            return_per_sigma=True,
-        )
-        return loss, {"per_sigma_loss": per_sigma}
+    def run_steps(state, stacked_batches, base_key):
+        def body(st, batch):
+            return train_step(st, batch, jax.random.fold_in(base_key, st.step))
 
-    loss_fn.accepts_key_batch = True  # multiscale_dsm_loss takes one key per example
-    return loss_fn
+        if jax.tree.leaves(stacked_batches)[0].shape[0] == 1:
+            st, metrics = body(state, jax.tree.map(lambda a: a[0], stacked_batches))
+            return st, jax.tree.map(lambda a: a[None], metrics)
+        return jax.lax.scan(body, state, stacked_batches, unroll=unroll)
+
+    return run_steps
 
 
 # ---------------------------------------------------------------------------
@@ -382,10 +411,12 @@ class _Batches:
     """The driver's view of ``data``: batch of step ``s`` and a checkpointable position."""
 
     def __init__(self, data):
+        self._source: Optional[DataSource] = None
         if isinstance(data, DataSource):
-            self._source, self._batch_at = data, None
+            self._source = data
+            self._batch_at: Callable[[int], Any] = lambda step: data.next_batch()
         elif callable(data):
-            self._source, self._batch_at = None, data
+            self._batch_at = data
         else:
             raise ValueError(
                 "data must be a callable batch_at(step) -> batch or an object with next_batch(), "
@@ -393,7 +424,7 @@ class _Batches:
             )
 
     def get(self, step: int) -> Any:
-        return self._batch_at(step) if self._source is None else self._source.next_batch()
+        return self._batch_at(step)
 
     def state(self, step: int) -> Any:
         return {"step": step} if self._source is None else self._source.state()
@@ -507,13 +538,142 @@ def _progress_line(step: int, num_steps: int, loss: Optional[float], rate: float
             f"ETA {_duration((num_steps - step) / max(rate, 1e-9))}")
 
 
+def _device_call(run_steps: Callable, devices: list, base_key: jax.Array) -> Callable:
+    """``call(state, stacked, step, n) -> (state, metrics)``: ``run_steps`` pmapped over ``devices``.
+
+    ``metrics`` come back on the host, stacked ``[n, ...]``. With
+    ``dsm_jax.debug_checks()`` / ``DSM_JAX_CHECKS=1`` the losses add checkify
+    checks of traced values; they must be functionalised around the compiled
+    call to be reported, and a failed one is a ValueError naming the steps.
+    """
+    p_run = jax.pmap(run_steps, axis_name=AXIS, in_axes=(0, 0, None), devices=devices, donate_argnums=(0,))
+    if not runtime_checks_enabled():
+        return lambda state, stacked, step, n: _on_host(p_run(state, stacked, base_key))
+    p_checked = checkify.checkify(p_run)
+
+    def call(state, stacked, step, n):
+        err, out = p_checked(state, stacked, base_key)
+        if err.get() is not None:
+            raise ValueError(
+                f"run-time check failed in steps {step}-{step + n - 1} (the batches of those steps): "
+                f"{err.get()}; stopped before saving."
+            )
+        return _on_host(out)
+
+    return call
+
+
+def _on_host(out):
+    state, metrics = out
+    return state, jax.device_get(_unreplicate(metrics))
+
+
+def _nonfinite_error(step: int, name: str, value: float, ckpt: Optional[Checkpointer]) -> NonFiniteError:
+    """The error of a non-finite ``name`` at ``step``, saying what was kept."""
+    last = None if ckpt is None else ckpt.latest_step()
+    kept = ("training in memory, nothing was saved" if ckpt is None
+            else "no checkpoint was written yet" if last is None
+            else f"the last good checkpoint is step {last} in {ckpt.directory}")
+    return NonFiniteError(
+        f"non-finite {name} ({value}) at step {step} (the update computed from the batch of "
+        f"step {step}); stopped before saving, {kept}."
+    )
+
+
+def _restore_or_init(ckpt: Optional[Checkpointer], initial: TrainState, batches: _Batches, config: Any):
+    """``(host_state, step, resumed)``: the latest readable checkpoint of ``ckpt``, or ``initial`` at step 0.
+
+    On resume the data position is restored and a ``config`` differing from
+    the checkpoint's is a :class:`ConfigMismatchError`.
+    """
+    restored = None if ckpt is None else ckpt.restore_latest(target=initial)
+    if ckpt is None or restored is None:
+        return initial, 0, False
+    host_state, meta = restored
+    step = int(host_state.step)
+    if config is not None and meta.get("config") not in (None, config):
+        raise ConfigMismatchError(
+            f"config differs from the one saved with the checkpoint of step {step} in {ckpt.directory} "
+            f"({_config_differences(meta['config'], config)}); resuming would mix two runs: pass the "
+            "saved config or use another workdir."
+        )
+    batches.restore(meta["data_state"])
+    return host_state, step, True
+
+
+def _replicate(host_state: Any, devices: list) -> Any:
+    """``host_state`` on every device (leaves ``[devices, ...]``).
+
+    Placed by a pmap of the identity so that its arrays are laid out exactly
+    like the pmapped step's outputs: the second call then hits the first
+    call's compilation.
+    """
+    stacked = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (len(devices),) + np.shape(a)), host_state)
+    return jax.pmap(lambda t: t, axis_name=AXIS, devices=devices)(stacked)
+
+
+class _MetricsLog:
+    """The run's records: ``metrics.jsonl`` (with a work directory), the tqdm bar and the progress lines.
+
+    Only process 0 writes or shows anything. After :meth:`start_progress`,
+    :meth:`steps` collects the metrics of each call and writes their means
+    every ``log_every`` steps and at the end.
+    """
+
+    def __init__(self, path: Optional[str], *, is_main: bool):
+        self.path = path if is_main else None
+        self.is_main = is_main
+        self.bar = tqdm(disable=True)  # replaced by the run's bar in start_progress
+
+    def start_progress(self, step: int, num_steps: int, *, log_every: int, quiet: bool) -> None:
+        """Starts the clock and the bar at ``step`` (after the restore)."""
+        self.num_steps, self.log_every = num_steps, log_every
+        self.history: list = []
+        self.start_time = time.perf_counter()
+        self.last_log = (step, self.start_time)
+        show_bar = self.is_main and not quiet and sys.stderr.isatty()
+        self.show_lines = self.is_main and not quiet and not (show_bar and sys.stdout.isatty())
+        self.bar.close()
+        self.bar = tqdm(total=num_steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step")
+
+    def repair(self, resume_step: int) -> None:
+        """Drops a partial last line and the step records after ``resume_step`` (they are replayed)."""
+        if self.path is not None:
+            repair_metrics(self.path, resume_step=resume_step)
+
+    def event(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def steps(self, step: int, metrics: dict, n: int) -> None:
+        """Records the ``n`` steps of a call ending at ``step`` (``metrics`` stacked ``[n, ...]``)."""
+        self.history.extend({name: v[i] for name, v in metrics.items()} for i in range(n))
+        self.bar.update(n)
+        if not (step // self.log_every > self.last_log[0] // self.log_every or step == self.num_steps):
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_log[0]) / max(now - self.last_log[1], 1e-9)
+        record = {"step": step, **_summarise(self.history), "steps_per_sec": rate, "elapsed_sec": now - self.start_time}
+        self.event(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4g}" if record["loss"] is not None else "nan",
+                             steps_per_sec=f"{rate:.1f}")
+        if self.show_lines:
+            tqdm.write(_progress_line(step, self.num_steps, record["loss"], rate), file=sys.stdout)
+            sys.stdout.flush()
+        self.history, self.last_log = [], (step, now)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def train(
     loss_fn: LossFn,
     params: Any,
     data: Union[Callable[[int], Any], DataSource],
     *,
-    workdir: Union[str, os.PathLike],
     num_steps: int,
+    workdir: Union[str, os.PathLike, None] = None,
     optimizer: Optional[optax.GradientTransformation] = None,
     seed: int = 0,
     ema_decay: float = 0.999,
@@ -523,16 +683,20 @@ def train(
     log_every: int = 100,
     config: Optional[dict] = None,
     quiet: bool = False,
-    devices: Optional[Sequence[jax.Device]] = None,
+    devices: Optional[Sequence[Any]] = None,
     per_example_keys: bool = True,
     handle_signals: bool = True,
     unroll: Union[int, bool] = 1,
+    loss_takes_key_batch: Optional[bool] = None,
 ) -> TrainState:
     """Trains ``params`` on ``loss_fn`` with data parallelism, EMA, checkpoints and exact resume.
 
-    Starts from the latest readable checkpoint in ``workdir/checkpoints`` if
-    there is one (state, step, data position), else from ``params``; runs
-    until ``state.step == num_steps``. Step ``s`` uses the batch of step
+    With a ``workdir``, starts from the latest readable checkpoint in
+    ``workdir/checkpoints`` if there is one (state, step, data position),
+    else from ``params``; runs until ``state.step == num_steps``. Without
+    one (``workdir=None``) it trains in memory from ``params``: no
+    checkpoints, no files, no signal handlers, the same steps and the same
+    result. Step ``s`` uses the batch of step
     ``s`` and the key ``fold_in(jax.random.key(seed), s)``, so stopping and
     resuming changes nothing, bitwise.
 
@@ -547,7 +711,7 @@ def train(
     naming the step and the metric; no checkpoint is written after the last
     finite step.
 
-    Files in ``workdir``: ``checkpoints/`` (orbax) and ``metrics.jsonl``:
+    Files in ``workdir`` (none without one): ``checkpoints/`` (orbax) and ``metrics.jsonl``:
     one JSON object per line, either ``{"step", "loss", "grad_norm",
     "per_sigma_loss", ..., "steps_per_sec", "elapsed_sec"}`` (means over
     the steps since the previous line, every ``log_every`` steps) or an
@@ -565,15 +729,15 @@ def train(
 
     Args:
         loss_fn: ``loss_fn(params, batch, key) -> loss`` or ``(loss, aux)``
-            (e.g. :func:`make_dsm_loss_fn`); see :func:`make_train_step` for
-            ``per_example_keys``.
+            (e.g. :func:`dsm_jax.models.make_dsm_loss_fn`); see
+            :func:`make_train_step` for ``per_example_keys``.
         params: initial parameters (ignored when resuming).
         data: ``batch_at(step) -> batch`` (a pure function of the step index,
             so the data position is the step; preferred), or a
             :class:`DataSource` whose ``state()`` is checkpointed. A batch is
             a pytree of arrays with the global batch leading, divisible by
             the number of devices.
-        workdir: run directory (created).
+        workdir: run directory (created), or None to train in memory.
         num_steps: total number of steps of the run.
         optimizer: optax transformation; default :func:`make_optimizer()`.
         seed: the run's seed.
@@ -588,12 +752,14 @@ def train(
         quiet: no progress bar or progress lines.
         devices: devices to pmap over; default ``jax.local_devices()``.
         per_example_keys: see :func:`make_train_step`.
-        handle_signals: install the SIGTERM/SIGINT handlers (main thread only).
+        handle_signals: install the SIGTERM/SIGINT handlers (main thread
+            only; never without a ``workdir``).
         unroll: ``lax.scan`` unrolling of the ``steps_per_call`` steps of a
-            call. Convolutional models on the CPU want ``steps_per_call=1``
-            (no loop) or ``unroll >= 2``: with jaxlib 0.10.2 the digits U-Net
-            ran ~35x slower per step inside a rolled scan (3.6 s against
-            0.1 s), while MLPs gain from scanning (about 1.5x at k = 10).
+            call (:func:`make_multi_step`). Convolutional models on the CPU
+            want ``steps_per_call=1`` (no loop) or ``unroll >= 2``, as XLA's
+            CPU backend runs them much slower inside a rolled loop; MLPs gain
+            from scanning (numbers in ``experiments/benchmarks/RESULTS.md``).
+        loss_takes_key_batch: see :func:`make_train_step`.
 
     Returns:
         The final :class:`TrainState` (numpy arrays on the host).
@@ -607,6 +773,7 @@ def train(
     Example:
         >>> loss_fn = make_dsm_loss_fn(NoiseConditionalMLP(), geometric_sigmas(3.0, 0.05, 10))  # doctest: +SKIP
         >>> state = train(loss_fn, params, lambda s: data[s % 100], workdir="runs/a", num_steps=5000)  # doctest: +SKIP
+        >>> state = train(loss_fn, params, lambda s: data[s % 100], num_steps=500)  # in memory  # doctest: +SKIP
     """
     num_steps = check_positive_int("num_steps", num_steps, minimum=0)
     steps_per_call = check_positive_int("steps_per_call", steps_per_call)
@@ -624,133 +791,51 @@ def train(
     if not devices:
         raise ValueError(f"devices must be a non-empty sequence, got {devices!r}.")
     optimizer = make_optimizer() if optimizer is None else optimizer
-    workdir = os.path.abspath(os.fspath(workdir))
     is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-
-    train_step = make_train_step(
-        loss_fn, optimizer, ema_decay=ema_decay, axis_name=AXIS, per_example_keys=per_example_keys
-    )
-
-    def run_steps(state, stacked_batches, base_key):
-        def body(st, batch):
-            st, metrics = train_step(st, batch, jax.random.fold_in(base_key, st.step))
-            return st, metrics
-
-        if jax.tree.leaves(stacked_batches)[0].shape[0] == 1:
-            # A one-step call is straight-line code, no while loop: on the CPU a U-Net step
-            # inside a one-trip scan ran at 3.6 s against 0.1 s outside one (digits, batch 128).
-            st, metrics = body(state, jax.tree.map(lambda a: a[0], stacked_batches))
-            return st, jax.tree.map(lambda a: a[None], metrics)
-        return jax.lax.scan(body, state, stacked_batches, unroll=unroll)
-
-    p_run = jax.pmap(run_steps, axis_name=AXIS, in_axes=(0, 0, None), devices=devices, donate_argnums=(0,))
-    # With dsm_jax.debug_checks() / DSM_JAX_CHECKS=1 the losses add checkify checks of traced
-    # values; they must be functionalised around the compiled step to be reported.
-    checked = runtime_checks_enabled()
-    if checked:
-        p_run = checkify.checkify(p_run)
-    base_key = jax.random.key(seed)
-
-    log_path = os.path.join(workdir, "metrics.jsonl")
-
-    def log(record: dict) -> None:
+    if workdir is not None:
+        workdir = os.path.abspath(os.fspath(workdir))
         if is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            os.makedirs(workdir, exist_ok=True)
 
+    train_step = make_train_step(loss_fn, optimizer, ema_decay=ema_decay, axis_name=AXIS,
+                                 per_example_keys=per_example_keys, loss_takes_key_batch=loss_takes_key_batch)
+    call = _device_call(make_multi_step(train_step, unroll=unroll), devices, jax.random.key(seed))
     initial = jax.device_get(create_train_state(params, optimizer))
-    with Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep) as ckpt:
-        restored = ckpt.restore_latest(target=initial)
-        if restored is None:
-            host_state, step = initial, 0
-            if is_main:
-                repair_metrics(log_path, resume_step=0)
-            log({"event": "start", "step": 0, "num_devices": len(devices)})
-        else:
-            host_state, meta = restored
-            step = int(host_state.step)
-            if config is not None and meta.get("config") not in (None, config):
-                raise ConfigMismatchError(
-                    f"config differs from the one saved with the checkpoint of step {step} in {ckpt.directory} "
-                    f"({_config_differences(meta['config'], config)}); resuming would mix two runs: pass the "
-                    "saved config or use another workdir."
-                )
-            batches.restore(meta["data_state"])
-            if is_main:
-                repair_metrics(log_path, resume_step=step)
-            log({"event": "resume", "step": step, "num_devices": len(devices)})
 
-        def save(state_host, at_step):
-            ckpt.save(at_step, state_host, data_state=batches.state(at_step), config=config)
-            log({"event": "save", "step": at_step})
-
+    with contextlib.ExitStack() as stack:
+        ckpt = None if workdir is None else stack.enter_context(Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep))
+        host_state, step, resumed = _restore_or_init(ckpt, initial, batches, config)
+        log = _MetricsLog(None if workdir is None else os.path.join(workdir, "metrics.jsonl"), is_main=is_main)
+        log.repair(resume_step=step)
+        log.event({"event": "resume" if resumed else "start", "step": step, "num_devices": len(devices)})
         if step >= num_steps:
             return host_state
 
-        # Placed by a pmap of the identity so that its arrays are laid out exactly like
-        # p_run's outputs: the second call then hits the first call's compilation.
-        state = jax.pmap(lambda t: t, axis_name=AXIS, devices=devices)(
-            jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (len(devices),) + np.shape(a)), host_state)
-        )
-        history: list = []
-        last_log = (step, time.perf_counter())
-        start_time = time.perf_counter()
-        show_bar = is_main and not quiet and sys.stderr.isatty()
-        show_lines = is_main and not quiet and not (show_bar and sys.stdout.isatty())
-        with _SignalFlag(handle_signals) as flag, tqdm(
-            total=num_steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step"
-        ) as bar:
-            while step < num_steps:
-                n = _chunk_length(step, steps_per_call, save_every, num_steps)
-                shards = [_shard(batches.get(s), len(devices), s) for s in range(step, step + n)]
-                stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *shards)
-                if checked:
-                    err, (state, metrics) = p_run(state, stacked, base_key)
-                    if err.get() is not None:
-                        raise ValueError(
-                            f"run-time check failed in steps {step}-{step + n - 1} (the batches of those steps): "
-                            f"{err.get()}; stopped before saving."
-                        )
-                else:
-                    state, metrics = p_run(state, stacked, base_key)
-                metrics = jax.device_get(_unreplicate(metrics))
-                bad = _first_nonfinite(metrics, step)
-                if bad is not None:
-                    bad_step, name, value = bad
-                    log({"event": "nonfinite", "step": bad_step, "metric": name, "value": repr(value)})
-                    last = ckpt.latest_step()
-                    kept = ("no checkpoint was written yet" if last is None
-                            else f"the last good checkpoint is step {last} in {ckpt.directory}")
-                    raise NonFiniteError(
-                        f"non-finite {name} ({value}) at step {bad_step} (the update computed from the batch of "
-                        f"step {bad_step}); stopped before saving, {kept}."
-                    )
-                history.extend({name: v[i] for name, v in metrics.items()} for i in range(n))
-                step += n
-                bar.update(n)
+        state = _replicate(host_state, devices)
+        # Without a work directory there is nothing to save: a signal keeps its usual effect.
+        flag = stack.enter_context(_SignalFlag(handle_signals and ckpt is not None))
+        log.start_progress(step, num_steps, log_every=log_every, quiet=quiet)
+        stack.callback(log.close)
+        while step < num_steps:
+            n = _chunk_length(step, steps_per_call, save_every, num_steps)
+            shards = [_shard(batches.get(s), len(devices), s) for s in range(step, step + n)]
+            stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *shards)
+            state, metrics = call(state, stacked, step, n)
+            bad = _first_nonfinite(metrics, step)
+            if bad is not None:
+                bad_step, name, value = bad
+                log.event({"event": "nonfinite", "step": bad_step, "metric": name, "value": repr(value)})
+                raise _nonfinite_error(bad_step, name, value, ckpt)
+            step += n
+            log.steps(step, metrics, n)
 
-                if step // log_every > last_log[0] // log_every or step == num_steps:
-                    now = time.perf_counter()
-                    rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
-                    record = {"step": step, **_summarise(history), "steps_per_sec": rate,
-                              "elapsed_sec": now - start_time}
-                    log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4g}" if record["loss"] is not None else "nan",
-                                    steps_per_sec=f"{rate:.1f}")
-                    if show_lines:
-                        tqdm.write(_progress_line(step, num_steps, record["loss"], rate), file=sys.stdout)
-                        sys.stdout.flush()
-                    history, last_log = [], (step, now)
-
-                if step % save_every == 0 or step == num_steps or flag.signum is not None:
-                    host_state = _unreplicate(state)
-                    save(host_state, step)
-                if flag.signum is not None:
-                    log({"event": "interrupted", "step": step, "signal": signal.Signals(flag.signum).name})
-                    if flag.signum == signal.SIGINT:
-                        raise TrainingInterrupted(step, ckpt.directory)
-                    raise TrainingTerminated(step, ckpt.directory)
-        log({"event": "done", "step": step, "elapsed_sec": time.perf_counter() - start_time})
-        return host_state
+            if ckpt is not None and (step % save_every == 0 or step == num_steps or flag.signum is not None):
+                ckpt.save(step, _unreplicate(state), data_state=batches.state(step), config=config)
+                log.event({"event": "save", "step": step})
+            if flag.signum is not None and ckpt is not None:  # the flag is only set with a work directory
+                log.event({"event": "interrupted", "step": step, "signal": signal.Signals(flag.signum).name})
+                if flag.signum == signal.SIGINT:
+                    raise TrainingInterrupted(step, ckpt.directory)
+                raise TrainingTerminated(step, ckpt.directory)
+        log.event({"event": "done", "step": step, "elapsed_sec": time.perf_counter() - log.start_time})
+        return _unreplicate(state)

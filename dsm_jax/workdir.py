@@ -237,7 +237,7 @@ class WorkdirLock:
             if same:
                 self._fd = fd
                 try:
-                    self._write_holder()
+                    self._write_holder(fd)
                 except BaseException:
                     self.release()
                     raise
@@ -245,13 +245,13 @@ class WorkdirLock:
             os.close(fd)  # the holder released and deleted it meanwhile: lock the new file
         raise RuntimeError(f"could not lock {os.fspath(self.path)!r}: it keeps being replaced.")
 
-    def _write_holder(self) -> None:
+    def _write_holder(self, fd: int) -> None:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         data = (json.dumps(info) + "\n").encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
-        os.fsync(self._fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
 
     @staticmethod
     def _describe_holder(fd: int) -> str:

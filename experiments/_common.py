@@ -140,52 +140,42 @@ def fit(
     time_budget: Optional[float] = None,
     grad_clip_norm: Optional[float] = 1.0,
 ) -> tuple:
-    """In-memory training with the library's pure train step (no checkpoints).
+    """In-memory training on one device with the library's loop (:func:`dsm_jax.train.make_multi_step`).
 
     ``loss_fn(params, batch, key) -> loss`` or ``(loss, aux)``; ``batch_at(step)``
-    returns the batch of a step. ``steps_per_call`` steps run in one jitted
-    ``lax.scan`` (default: 50, or 1 without a scan for convolutional models,
-    whose backward pass ran ~35x slower inside an XLA CPU loop with jaxlib 0.10.2). Stops after ``num_steps`` or, with ``time_budget`` seconds,
-    at the first call boundary past the budget (compilation excluded).
+    returns the batch of a step; the step keys are those of
+    :func:`dsm_jax.train.train` with this ``seed``. ``steps_per_call`` steps
+    run in one jitted call (default: 50, or 1 for convolutional models, which
+    XLA's CPU backend runs much slower inside a loop). Stops after ``num_steps``
+    or, with ``time_budget`` seconds, at the first call boundary past the
+    budget (compilation excluded); this clock is why it is not
+    ``train(workdir=None)``.
 
     Returns:
         ``(state, info)`` with ``info = {"steps", "seconds", "losses"}``
         (``losses`` the mean loss of each call).
     """
-    from dsm_jax.train import create_train_state, make_optimizer, make_train_step
+    from dsm_jax.train import create_train_state, make_multi_step, make_optimizer, make_train_step
 
     optimizer = make_optimizer(learning_rate, grad_clip_norm=grad_clip_norm)
     state = create_train_state(params, optimizer)
-    step_fn = make_train_step(loss_fn, optimizer, ema_decay=ema_decay)
     base = jax.random.key(seed)
+    run = jax.jit(make_multi_step(make_train_step(loss_fn, optimizer, ema_decay=ema_decay)))
 
     if steps_per_call is None:
         jaxpr = str(jax.make_jaxpr(loss_fn)(params, batch_at(0), base))
         steps_per_call = 1 if "conv_general_dilated" in jaxpr else 50
 
-    @jax.jit
-    def run(state, batches, steps):
-        def body(s, xs):
-            batch, step = xs
-            s, metrics = step_fn(s, batch, jax.random.fold_in(base, step))
-            return s, metrics["loss"]
-
-        if steps.shape[0] == 1:  # no loop at all (see steps_per_call)
-            state, loss = body(state, jax.tree.map(lambda a: a[0], (batches, steps)))
-            return state, loss[None]
-        return jax.lax.scan(body, state, (batches, steps))
-
     def batches_for(start, n):
-        stacked = [batch_at(s) for s in range(start, start + n)]
-        return jax.tree.map(lambda *b: np.stack(b), *stacked), np.arange(start, start + n)
+        return jax.tree.map(lambda *b: np.stack(b), *[batch_at(s) for s in range(start, start + n)])
 
     k = max(1, min(steps_per_call, num_steps))
-    block(run(state, *batches_for(0, k)))  # compile outside the clock
+    block(run(state, batches_for(0, k), base))  # compile outside the clock
     losses, step, t0 = [], 0, time.perf_counter()
     while step < num_steps:
         n = min(k, num_steps - step)
-        state, loss = run(state, *batches_for(step, n))
-        losses.append(float(np.mean(np.asarray(loss))))
+        state, metrics = run(state, batches_for(step, n), base)
+        losses.append(float(np.mean(np.asarray(metrics["loss"]))))
         step += n
         if time_budget is not None and time.perf_counter() - t0 > time_budget:
             break

@@ -1,4 +1,4 @@
-"""The benchmark harness (experiments/benchmarks/run.py) in quick mode: structure, not speed.
+"""The benchmarks (experiments/benchmarks/run.py and its modules) in quick mode: structure, not speed.
 
 No timing assertions: quick mode runs tiny sizes once; the test checks that
 every comparison reports finite positive ratios, that targets are evaluated,
@@ -25,6 +25,12 @@ def load_run():
         if str(p) not in sys.path:
             sys.path.insert(0, str(p))
     return importlib.import_module("run")
+
+
+def load(name: str):
+    """A module of the benchmarks (``seed_mlp``, ``bench_flops``, ...), once ``run`` has set the import path."""
+    load_run()
+    return importlib.import_module(name)
 
 
 def check_payload(payload: dict, names) -> dict:
@@ -83,19 +89,19 @@ def test_quick_run_without_torch(tmp_path, monkeypatch):
 
 
 def test_matmul_flop_count_by_hand():
-    run = load_run()
+    seed_mlp, bench_flops = load("seed_mlp"), load("bench_flops")
     # dim 2, width 4, 3 layers: embedding 1x4 and 4x4; net (2+4)x4, 4x4, 4x2.
     fwd = 2 * (4 + 16 + 24 + 16 + 8)
-    assert run.matmul_flops_per_example(2, 4, 3, train=False) == fwd
+    assert seed_mlp.matmul_flops_per_example(2, 4, 3, train=False) == fwd
     # Training: weight and input gradients of every layer, except the input gradients of sigma (1x4) and x (2x4).
-    assert run.matmul_flops_per_example(2, 4, 3, train=True) == 3 * fwd - 2 * (4 + 8)
+    assert seed_mlp.matmul_flops_per_example(2, 4, 3, train=True) == 3 * fwd - 2 * (4 + 8)
     # The matmul-only chain does this work, plus what XLA also computes and throws away: the input gradient
     # of the concat's x part (2 * d * H per example), so XLA's count of it lies between the two.
     for dim, hidden, layers, batch in ((2, 4, 3, 5), (64, 256, 4, 128)):
-        chain, operands = run._matmul_chain(dim, hidden, layers, batch)
+        chain, operands = bench_flops.matmul_chain(dim, hidden, layers, batch)
         analysis = chain.lower(*operands).compile().cost_analysis()
         analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-        by_hand = batch * run.matmul_flops_per_example(dim, hidden, layers, train=True)
+        by_hand = batch * seed_mlp.matmul_flops_per_example(dim, hidden, layers, train=True)
         assert by_hand <= analysis["flops"] <= by_hand + batch * 2 * dim * hidden, (dim, analysis["flops"], by_hand)
 
 
@@ -105,9 +111,9 @@ def test_torch_reference_matches_dsm_jax(tmp_path):
 
     from dsm_jax.losses import explicit_score_matching_loss
 
-    run = load_run()
-    tref = run.load_torch(1)
-    net = run.Net(3, run.QUICK, tref)
+    run, seed_mlp = load_run(), load("seed_mlp")
+    tref = seed_mlp.load_torch(1)
+    net = seed_mlp.Net(3, run.QUICK, tref)
     x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
     sigma = np.linspace(0.1, 2.0, 5).astype(np.float32)
     with torch.no_grad():
@@ -115,7 +121,7 @@ def test_torch_reference_matches_dsm_jax(tmp_path):
     out_j = np.asarray(net.model_fn(net.params)(jnp.asarray(x), jnp.asarray(sigma)))
     np.testing.assert_allclose(out_j, out_t, rtol=1e-5, atol=1e-6)
     # The autograd-loop trace and the jvp trace give the same explicit SM loss.
-    loss_t = tref[1].explicit_sm_loss(net.torch_model, torch.from_numpy(x), run.ESM_SIGMA).item()
+    loss_t = tref[1].explicit_sm_loss(net.torch_model, torch.from_numpy(x), seed_mlp.ESM_SIGMA).item()
     loss_j = float(explicit_score_matching_loss(net.score_fn(net.params), jnp.asarray(x)))
     assert loss_j == pytest.approx(loss_t, rel=1e-4, abs=1e-5)
 
@@ -143,3 +149,19 @@ def test_profile_ops_lists_xla_operations():
     bad = subprocess.run([sys.executable, str(BENCH / "profile_ops.py"), "dsm_step", "--batch", "0"],
                          capture_output=True, text=True, env=env, cwd=BENCH, timeout=300)
     assert bad.returncode == 2 and "--batch must be >= 1, got 0" in bad.stderr
+
+
+def test_each_run_has_its_own_compiler_options_and_caches():
+    """No module state: a Bench caches compilations and shared functions for itself only, with its own options."""
+    import jax
+    import jax.numpy as jnp
+
+    harness = load("harness")
+    f, x = jax.jit(lambda v: v + 1), jnp.ones(3)
+    quick = harness.Bench({}, None, 1, {"xla_backend_optimization_level": 0})
+    full = harness.Bench({}, None, 1)
+    assert quick.compiled(f, x) is quick.compiled(f, x)
+    assert full.compiled(f, x) is not quick.compiled(f, x)
+    assert quick.once("step", object) is quick.once("step", object)
+    assert full.once("step", object) is not quick.once("step", object)
+    assert full.compiler_options == {} and quick.compiler_options == {"xla_backend_optimization_level": 0}

@@ -15,6 +15,7 @@ import pytest
 
 from dsm_jax import cli, plotting
 from dsm_jax import config as config_lib
+from dsm_jax import run as run_lib
 from dsm_jax.config import Config
 
 TINY = [
@@ -158,7 +159,7 @@ def test_an_explicit_mlp_trains_on_flattened_images(images, tmp_path):
 
 def test_the_default_workdir_is_named_after_the_preset_and_dataset(run):
     assert (run / "checkpoints").is_dir()  # the fixture trained --dataset two_clusters with no --workdir
-    with_dataset = lambda preset, dataset: cli._default_workdir(preset, config_lib.apply_overrides(
+    with_dataset = lambda preset, dataset: run_lib.default_workdir(preset, config_lib.apply_overrides(
         config_lib.get_preset(preset), {"dataset": dataset}))
     assert with_dataset("default", "eight_gaussians") == Path("runs/default")
     assert with_dataset("digits", "digits") == Path("runs/digits")
@@ -237,7 +238,7 @@ def _metrics(ratio, n=2000):
     [(-0.5, "at the floor"), (0.8, "within 3 floors"), (10.0, "10 times the spread between two data samples")],
 )
 def test_print_metrics_says_what_the_values_mean(ratio, says, capsys):
-    cli._print_metrics(_metrics(ratio))
+    run_lib.print_metrics(_metrics(ratio))
     out = capsys.readouterr().out
     assert says in out
     assert "3.0x its floor 0.0300" in out and "distance between two data samples" in out

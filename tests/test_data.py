@@ -227,13 +227,13 @@ def test_batches_cover_each_example_once_per_epoch(n, batch):
     steps = -(-epochs * n // batch)
     stream = np.concatenate([source(s)[:, 0] for s in range(steps)]).astype(int)
     for e in range(epochs):
-        block = stream[e * n: (e + 1) * n]
+        block = stream[e * n : (e + 1) * n]
         np.testing.assert_array_equal(np.sort(block), np.arange(n))
         # Epoch e is the documented permutation fold_in(key(seed), e).
         np.testing.assert_array_equal(
             block, np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(1), e), n))
         )
-    assert not np.array_equal(stream[:n], stream[n: 2 * n]) or n == 1
+    assert not np.array_equal(stream[:n], stream[n : 2 * n]) or n == 1
 
 
 def test_batches_are_a_pure_function_of_the_step():

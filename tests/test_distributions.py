@@ -50,9 +50,7 @@ def test_gaussian_matches_single_component_mixture(x64):
 
 
 def test_gmm_score_far_from_modes_is_finite_and_correct():
-    gmm = GaussianMixture(
-        jnp.array([0.3, 0.7]), jnp.array([[2.0, 2.0], [-2.0, -2.0]]), jnp.full((2, 2), 0.25)
-    )
+    gmm = GaussianMixture(jnp.array([0.3, 0.7]), jnp.array([[2.0, 2.0], [-2.0, -2.0]]), jnp.full((2, 2), 0.25))
     x = jnp.array([[1e3, 1e3], [-1e3, 1e3], [1e3, -5e2]])
     s = gmm.score(x)
     assert jnp.all(jnp.isfinite(s)) and jnp.all(jnp.isfinite(gmm.log_prob(x)))
@@ -122,7 +120,10 @@ def test_posterior_mean_matches_monte_carlo_1d():
         # Tolerance: 5 standard errors of the bin average, plus the bias of a bin of this width,
         # |d E[x|y]/dy| * half_width <= (Var[x|y]/sigma^2) * half_width with Var[x|y] <= prior var.
         se = xs.std() / np.sqrt(xs.size)
-        bias = float(jnp.max(gmm.posterior_covariance(jnp.array([[y0]]), sigma))) / sigma**2 * half_width + 0.05 * half_width
+        bias = (
+            float(jnp.max(gmm.posterior_covariance(jnp.array([[y0]]), sigma))) / sigma**2 * half_width
+            + 0.05 * half_width
+        )
         assert abs(xs.mean() - exact) < 5 * se + bias, (y0, xs.mean(), exact, se)
 
 
@@ -176,7 +177,10 @@ def test_constructed_inside_jit_and_vmap():
         (lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [[1.0]]), "covs must have shape"),
         (lambda: GaussianMixture([0.5, -0.5], [[0.0], [1.0]], [[1.0], [1.0]]), "weights"),
         (lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [[1.0], [1.0]]).convolve(0.0), "sigma"),
-        (lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [[1.0], [1.0]]).score(jnp.ones((3, 2))), r"x must have shape \[B, 1\]"),
+        (
+            lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], [[1.0], [1.0]]).score(jnp.ones((3, 2))),
+            r"x must have shape \[B, 1\]",
+        ),
         (lambda: Gaussian([0.0], [1.0]).sample(jax.random.key(0), 0), "n must be"),
         # Non-finite parameters, numpy or jax.
         (lambda: Gaussian([np.nan, 0.0], [1.0, 1.0]), r"mean must be finite, got \[nan,"),
@@ -186,9 +190,15 @@ def test_constructed_inside_jit_and_vmap():
         (lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], np.array([[1.0], [np.nan]])), "covs .*must be finite"),
         (lambda: GaussianMixture([0.5, 0.5], [[0.0], [1.0]], jnp.full((2, 1, 1), np.nan)), "covs must be finite"),
         # Wrong ranks given as jax arrays (they used to pass unchecked).
-        (lambda: GaussianMixture(jnp.ones(2), jnp.zeros((2, 2, 1)), jnp.ones((2, 2))), r"means must have shape \[K, d\], got shape \(2, 2, 1\)"),
+        (
+            lambda: GaussianMixture(jnp.ones(2), jnp.zeros((2, 2, 1)), jnp.ones((2, 2))),
+            r"means must have shape \[K, d\], got shape \(2, 2, 1\)",
+        ),
         (lambda: GaussianMixture(jnp.ones(2), jnp.zeros(2), jnp.ones(2)), r"means must have shape \[K, d\]"),
-        (lambda: GaussianMixture(jnp.ones((2, 1)), jnp.zeros((2, 1)), jnp.ones((2, 1))), r"weights must have shape \[K\]=\(2,\)"),
+        (
+            lambda: GaussianMixture(jnp.ones((2, 1)), jnp.zeros((2, 1)), jnp.ones((2, 1))),
+            r"weights must have shape \[K\]=\(2,\)",
+        ),
         (lambda: Gaussian(jnp.zeros((1, 2)), jnp.ones(2)), r"mean must have shape \[d\], got shape \(1, 2\)"),
         (lambda: Gaussian(jnp.zeros(2), jnp.ones((1, 2, 2))), "cov must have shape"),
         (lambda: Gaussian([0.0], [1.0]).sample(3, 2), r"key must be a PRNG key: pass jax.random.key\(seed\)"),

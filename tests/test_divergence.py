@@ -133,7 +133,9 @@ def test_auto_chunk_size():
             resolve_chunk_size(bad, 8, 8)
     fn = _random_mlp(jax.random.key(3), 40)
     x = jax.random.normal(jax.random.key(4), (300, 40))  # auto: chunks of 6 directions
-    np.testing.assert_allclose(exact_divergence(fn, x, chunk_size="auto"), exact_divergence(fn, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        exact_divergence(fn, x, chunk_size="auto"), exact_divergence(fn, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_chunking_bounds_the_memory_of_the_gradient():
@@ -159,9 +161,7 @@ def test_hutchinson_is_unbiased(probe, x64):
     exact = exact_divergence(fn, x)
     n = 4000
     # One estimate per key to get the per-estimate spread; mean within 5 standard errors.
-    estimates = jax.vmap(lambda k: hutchinson_divergence(fn, x, k, probe=probe))(
-        jax.random.split(jax.random.key(9), n)
-    )
+    estimates = jax.vmap(lambda k: hutchinson_divergence(fn, x, k, probe=probe))(jax.random.split(jax.random.key(9), n))
     mean, se = estimates.mean(0), estimates.std(0) / np.sqrt(n)
     np.testing.assert_array_less(jnp.abs(mean - exact), 5 * se)
     # num_probes averages: the same mean, variance down by the number of probes.
@@ -177,7 +177,7 @@ def test_rademacher_has_lower_variance_than_gaussian(x64):
     x = jnp.zeros((1, 5))
     keys = jax.random.split(jax.random.key(12), 20000)
     var = {
-        p: float(jax.vmap(lambda k: hutchinson_divergence(fn, x, k, probe=p))(keys).var())
+        p: float(jax.vmap(lambda k, p=p: hutchinson_divergence(fn, x, k, probe=p))(keys).var())
         for p in ("rademacher", "gaussian")
     }
     off = a - jnp.diag(jnp.diag(a))
@@ -201,12 +201,21 @@ _ONES = jnp.ones((2, 2))
         (lambda: exact_divergence(lambda x: x, _ONES, chunk_size=0), "chunk_size"),
         (lambda: exact_divergence(lambda x: x[:, :1], _ONES), "same shape"),
         (lambda: exact_divergence(lambda x: x, jnp.ones(3)), r"x must be batched"),
-        (lambda: hutchinson_divergence(lambda x: x, _ONES, 0), r"key must be a PRNG key: pass jax.random.key\(seed\), got 0 \(int\)"),
+        (
+            lambda: hutchinson_divergence(lambda x: x, _ONES, 0),
+            r"key must be a PRNG key: pass jax.random.key\(seed\), got 0 \(int\)",
+        ),
         (lambda: hutchinson_divergence(lambda x: x, _ONES, jnp.ones(2)), r"key must be a PRNG key.*dtype float32"),
-        (lambda: exact_divergence(lambda x: x, jnp.ones((2, 2), jnp.int32)), "x must be floating point, got dtype int32"),
+        (
+            lambda: exact_divergence(lambda x: x, jnp.ones((2, 2), jnp.int32)),
+            "x must be floating point, got dtype int32",
+        ),
         (lambda: hutchinson_divergence(lambda x: x, jnp.ones((2, 2), jnp.int32), _K), "x must be floating point"),
         (lambda: exact_divergence(lambda x, s: x, _ONES, sigma=0.0), "sigma must be > 0"),
-        (lambda: exact_divergence(lambda x, s: x, _ONES, sigma=jnp.ones(3)), r"sigma must be a scalar or have shape \[B\]"),
+        (
+            lambda: exact_divergence(lambda x, s: x, _ONES, sigma=jnp.ones(3)),
+            r"sigma must be a scalar or have shape \[B\]",
+        ),
         (lambda: hutchinson_divergence(lambda x, s: x, _ONES, _K, sigma=jnp.nan), "sigma must be finite"),
     ],
 )

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from dsm_jax import cli
+from dsm_jax import run as run_lib
 from dsm_jax import workdir as workdir_lib
 from dsm_jax.interrupt import call_interruptibly
 
@@ -293,7 +294,7 @@ def _terminated_at_step_20(*args, workdir, **kwargs):
 @pytest.mark.parametrize(
     "target, fake, status, needle",
     [
-        ("dsm_jax.cli.build_run", _raiser(KeyboardInterrupt()), 130, "interrupted (SIGINT) before anything was changed"),
+        ("dsm_jax.run.build_run", _raiser(KeyboardInterrupt()), 130, "interrupted (SIGINT) before anything was changed"),
         ("dsm_jax.train.train", _raiser(KeyboardInterrupt()), 130, "interrupted (SIGINT) before the first checkpoint"),
         ("dsm_jax.train.train", _terminated_at_step_20, 143,
          "interrupted (SIGTERM) at step 20, which was checkpointed"),
@@ -317,7 +318,7 @@ def test_internal_errors_keep_their_traceback(run_copy, monkeypatch):
     monkeypatch.setattr("dsm_jax.train.train", _raiser(ValueError("an internal inconsistency")))
     with pytest.raises(ValueError, match="internal inconsistency"):
         cli.main(_train_argv(run_copy, "--no-sample"))
-    monkeypatch.setattr("dsm_jax.cli.build_run", _raiser(RuntimeError("a bug")))
+    monkeypatch.setattr("dsm_jax.run.build_run", _raiser(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["evaluate", "--workdir", str(run_copy)])
 
@@ -439,7 +440,7 @@ def test_samples_that_all_diverged_are_reported_as_such(run_copy, monkeypatch, c
     def diverged(run, params, key, num, sampler):
         return np.full((num,) + run.dataset.shape, np.nan, np.float32), 1
 
-    monkeypatch.setattr(cli, "draw_samples", diverged)
+    monkeypatch.setattr(run_lib, "draw_samples", diverged)
     before = _snapshot(run_copy)
     capsys.readouterr()
     assert cli.main(["sample", "--workdir", str(run_copy), "--num", "16"]) == cli.EXIT_USER_ERROR

@@ -25,9 +25,7 @@ from dsm_jax.losses import (
 from dsm_jax.noise import geometric_sigmas
 from dsm_jax.sde import VESDE
 
-TWO_CLUSTERS = GaussianMixture(
-    jnp.array([0.5, 0.5]), jnp.array([[2.0, 2.0], [-2.0, -2.0]]), jnp.full((2, 2), 0.25)
-)
+TWO_CLUSTERS = GaussianMixture(jnp.array([0.5, 0.5]), jnp.array([[2.0, 2.0], [-2.0, -2.0]]), jnp.full((2, 2), 0.25))
 
 
 def _mlp_model(key, d, width=32):
@@ -128,7 +126,9 @@ def test_sliced_sm_variance_reduction_lowers_variance():
     score = lambda z: model(z, jnp.ones(z.shape[0]))
     x = jax.random.normal(jax.random.key(7), (8, d))
     keys = jax.random.split(jax.random.key(8), 2000)
-    var = lambda vr: jax.vmap(lambda k: sliced_score_matching_loss(score, x, k, probe="gaussian", variance_reduction=vr))(keys).var()
+    var = lambda vr: jax.vmap(
+        lambda k: sliced_score_matching_loss(score, x, k, probe="gaussian", variance_reduction=vr)
+    )(keys).var()
     assert var(True) < var(False)
 
 
@@ -201,7 +201,7 @@ def test_eps_with_sigma2_weighting_is_plain_eps_regression():
     got = multiscale_dsm_loss(model, x, sigmas, key, parameterization="eps", weighting="sigma2")
     keys = jax.random.split(key, sigmas.shape[0])
     manual = []
-    for s, k in zip(sigmas, keys):
+    for s, k in zip(sigmas, keys, strict=True):
         eps = jax.random.normal(k, x.shape)
         eps_hat = model(x + s * eps, jnp.full((32,), s))
         manual.append(0.5 * jnp.mean(jnp.sum((eps_hat - eps) ** 2, axis=-1)))
@@ -216,7 +216,7 @@ def test_per_sigma_matches_python_loop(parameterization):
     key = jax.random.key(20)
     got = per_sigma_dsm_losses(model, x, sigmas, key, parameterization=parameterization)
     keys = jax.random.split(key, 5)
-    loop = [dsm_loss(model, x, s, k, parameterization=parameterization) for s, k in zip(sigmas, keys)]
+    loop = [dsm_loss(model, x, s, k, parameterization=parameterization) for s, k in zip(sigmas, keys, strict=True)]
     np.testing.assert_allclose(got, jnp.stack(loop), rtol=1e-5)
     # The multiscale loss is their lambda-weighted mean, and the per-sigma values come back.
     total, per = multiscale_dsm_loss(model, x, sigmas, key, parameterization=parameterization, return_per_sigma=True)
@@ -232,15 +232,19 @@ def test_one_key_per_example_equals_batches_of_one(sigma_sampling):
     sigmas = geometric_sigmas(3.0, 0.05, 6)
     keys = jax.random.split(jax.random.key(23), 12)
     loss, per = multiscale_dsm_loss(model, x, sigmas, keys, sigma_sampling=sigma_sampling, return_per_sigma=True)
-    ones = [multiscale_dsm_loss(model, x[j:j + 1], sigmas, keys[j], sigma_sampling=sigma_sampling, return_per_sigma=True)
-            for j in range(12)]
-    np.testing.assert_allclose(loss, np.mean([l for l, _ in ones]), rtol=1e-5)
+    ones = [
+        multiscale_dsm_loss(model, x[j : j + 1], sigmas, keys[j], sigma_sampling=sigma_sampling, return_per_sigma=True)
+        for j in range(12)
+    ]
+    np.testing.assert_allclose(loss, np.mean([loss_j for loss_j, _ in ones]), rtol=1e-5)
     with np.errstate(all="ignore"):  # levels an example did not draw are NaN
         expected_per = np.nanmean(np.stack([np.asarray(p) for _, p in ones]), axis=0)
     np.testing.assert_allclose(per, expected_per, rtol=1e-5)
     # Raw uint32 keys work the same way, and a wrong number of keys is an error naming both counts.
     raw = jax.vmap(jax.random.key_data)(keys)
-    np.testing.assert_allclose(multiscale_dsm_loss(model, x, sigmas, raw, sigma_sampling=sigma_sampling), loss, rtol=1e-6)
+    np.testing.assert_allclose(
+        multiscale_dsm_loss(model, x, sigmas, raw, sigma_sampling=sigma_sampling), loss, rtol=1e-6
+    )
     with pytest.raises(ValueError, match="11 keys but x has 12"):
         multiscale_dsm_loss(model, x, sigmas, keys[:11], sigma_sampling=sigma_sampling)
 
@@ -281,16 +285,24 @@ def test_continuous_sigma_sampling_matches_the_closed_form():
     # "stratified": every level jittered in its log cell; the 2 cells of the grid (b, a) tile
     # [a / sqrt(gamma), b * sqrt(gamma)] with gamma = b / a (wide cells: far from the grid's value).
     two = jnp.array([b, a])
-    strat_and_grid = jax.vmap(lambda k: jnp.stack([
-        multiscale_dsm_loss(model, jax.random.normal(k, (64, d)), two, jax.random.fold_in(k, 1), sigma_sampling=m)
-        for m in ("stratified", "all")]))(keys)
+    strat_and_grid = jax.vmap(
+        lambda k: jnp.stack(
+            [
+                multiscale_dsm_loss(
+                    model, jax.random.normal(k, (64, d)), two, jax.random.fold_in(k, 1), sigma_sampling=m
+                )
+                for m in ("stratified", "all")
+            ]
+        )
+    )(keys)
     strat, grid = strat_and_grid[:, 0], strat_and_grid[:, 1]
     g = np.sqrt(b / a)
     tol = 5 * float(strat.std()) / np.sqrt(keys.shape[0])
     assert abs(float(strat.mean()) - expected(a / g, b * g)) < tol
     assert abs(float(grid.mean()) - float(strat.mean())) > 5 * tol
-    loss, per = multiscale_dsm_loss(model, jnp.ones((512, d)), sigmas, keys[0], sigma_sampling="log_uniform",
-                                    return_per_sigma=True)
+    loss, per = multiscale_dsm_loss(
+        model, jnp.ones((512, d)), sigmas, keys[0], sigma_sampling="log_uniform", return_per_sigma=True
+    )
     assert per.shape == (5,) and np.all(np.isfinite(np.asarray(per)))
 
 
@@ -303,12 +315,18 @@ def test_losses_are_jittable_and_differentiable():
 
     params = {"w": jnp.eye(2), "b": jnp.ones(2)}
     for sampling in ("all", "random"):
-        f = jax.jit(jax.value_and_grad(
-            lambda p, k: multiscale_dsm_loss(functools.partial(model, p), x, sigmas, k, sigma_sampling=sampling)
-        ))
+        f = jax.jit(
+            jax.value_and_grad(
+                lambda p, k, sampling=sampling: multiscale_dsm_loss(
+                    functools.partial(model, p), x, sigmas, k, sigma_sampling=sampling
+                )
+            )
+        )
         value, grads = f(params, jax.random.key(0))
         assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    g = jax.grad(lambda p: sliced_score_matching_loss(lambda y: model(p, y, jnp.ones(16)), x, jax.random.key(1)))(params)
+    g = jax.grad(lambda p: sliced_score_matching_loss(lambda y: model(p, y, jnp.ones(16)), x, jax.random.key(1)))(
+        params
+    )
     assert np.all(np.isfinite(g["w"]))
 
 
@@ -354,15 +372,23 @@ def test_sure_is_unbiased_for_a_linear_denoiser(trace):
         (lambda m, x, k: dsm_loss(lambda y, s: y[:, :1], x, 0.5, k), "model_fn returned shape"),
         (lambda m, x, k: multiscale_dsm_loss(m, x, jnp.array([1.0, 0.0]), k), "sigmas must be > 0"),
         (lambda m, x, k: multiscale_dsm_loss(m, x, jnp.ones(3), k, weighting="linear"), "weighting must be one of"),
-        (lambda m, x, k: multiscale_dsm_loss(m, x, jnp.ones(3), k, sigma_sampling="one"), "sigma_sampling must be one of"),
+        (
+            lambda m, x, k: multiscale_dsm_loss(m, x, jnp.ones(3), k, sigma_sampling="one"),
+            "sigma_sampling must be one of",
+        ),
         (lambda m, x, k: sliced_score_matching_loss(lambda y: y, x, k, probe="normal"), "probe must be one of"),
         (lambda m, x, k: sliced_score_matching_loss(lambda y: y, x, k, num_projections=0), "num_projections"),
         (lambda m, x, k: sure_loss(m, x, 0.5, None), "key must be a PRNG key"),
         (lambda m, x, k: sure_loss(m, x, 0.5, k, trace="approx"), "trace must be one of"),
         # A key that is not a PRNG key names the fix.
-        (lambda m, x, k: multiscale_dsm_loss(m, x, jnp.ones(3), 0),
-         r"key must be a PRNG key \(or a batch of them.*\): pass jax.random.key\(seed\), got 0 \(int\)"),
-        (lambda m, x, k: multiscale_dsm_loss(m, x, jnp.ones(3), jnp.ones((8, 2))), r"key must be a PRNG key .*dtype float32"),
+        (
+            lambda m, x, k: multiscale_dsm_loss(m, x, jnp.ones(3), 0),
+            r"key must be a PRNG key \(or a batch of them.*\): pass jax.random.key\(seed\), got 0 \(int\)",
+        ),
+        (
+            lambda m, x, k: multiscale_dsm_loss(m, x, jnp.ones(3), jnp.ones((8, 2))),
+            r"key must be a PRNG key .*dtype float32",
+        ),
         (lambda m, x, k: dsm_loss(m, x, 0.5, 7), r"key must be a PRNG key: pass jax.random.key\(seed\), got 7 \(int\)"),
         (lambda m, x, k: per_sigma_dsm_losses(m, x, jnp.ones(3), 1), "key must be a PRNG key"),
         (lambda m, x, k: sliced_score_matching_loss(lambda y: y, x, 0), "key must be a PRNG key"),
@@ -377,11 +403,16 @@ def test_sure_is_unbiased_for_a_linear_denoiser(trace):
         (lambda m, x, k: sure_loss(m, x.astype(jnp.int32), 0.5, k), "y must be floating point"),
         (lambda m, x, k: sde_dsm_loss(m, x.astype(jnp.int32), VESDE(), k), "x must be floating point"),
         # Stratified cells need a monotone grid.
-        (lambda m, x, k: multiscale_dsm_loss(m, x, jnp.array([1.0, 0.1, 0.5]), k, sigma_sampling="stratified"),
-         r"sigmas must be strictly monotone .*got \[1. , 0.1, 0.5\]"),
+        (
+            lambda m, x, k: multiscale_dsm_loss(m, x, jnp.array([1.0, 0.1, 0.5]), k, sigma_sampling="stratified"),
+            r"sigmas must be strictly monotone .*got \[1. , 0.1, 0.5\]",
+        ),
         # The model signature's sigma.
         (lambda m, x, k: explicit_score_matching_loss(m, x, sigma=0.0), "sigma must be > 0"),
-        (lambda m, x, k: sliced_score_matching_loss(m, x, k, sigma=jnp.ones(3)), r"sigma must be a scalar or have shape \[B\]"),
+        (
+            lambda m, x, k: sliced_score_matching_loss(m, x, k, sigma=jnp.ones(3)),
+            r"sigma must be a scalar or have shape \[B\]",
+        ),
     ],
 )
 def test_bad_input(call, match):
@@ -396,7 +427,9 @@ def test_stratified_accepts_either_order(x64):
 
     sigmas = jnp.array([3.0, 1.0, 0.5, 0.05])
     u = jax.random.uniform(jax.random.key(30), (4, 16), dtype=jnp.float64)
-    np.testing.assert_allclose(_jitter_in_log_cells(sigmas[::-1], 1.0 - u[::-1]), _jitter_in_log_cells(sigmas, u)[::-1], rtol=1e-12)
+    np.testing.assert_allclose(
+        _jitter_in_log_cells(sigmas[::-1], 1.0 - u[::-1]), _jitter_in_log_cells(sigmas, u)[::-1], rtol=1e-12
+    )
     model = _mlp_model(jax.random.key(31), 2)
     loss = multiscale_dsm_loss(model, jnp.ones((8, 2)), sigmas[::-1], jax.random.key(32), sigma_sampling="stratified")
     assert np.isfinite(loss)
@@ -421,7 +454,9 @@ def test_runtime_checks_catch_traced_sigma_zero():
         assert "sigma must be finite and > 0 (traced value), got min 0.0, max 0.0" in err.get()
         checked = jax.jit(checkify.checkify(f))
         assert "sigma must be finite and > 0" in checked(jnp.full(8, 0.5).at[3].set(jnp.inf), x)[0].get()
-        assert "x must be finite, got 1 non-finite entries" in checked(jnp.full(8, 0.5), x.at[0, 0].set(jnp.nan))[0].get()
+        assert (
+            "x must be finite, got 1 non-finite entries" in checked(jnp.full(8, 0.5), x.at[0, 0].set(jnp.nan))[0].get()
+        )
         assert checked(jnp.full(8, 0.5), x)[0].get() is None
         assert "sigmas must be finite and > 0" in jax.jit(checkify.checkify(multi))(jnp.array([1.0, 0.0]))[0].get()
         # Outside jit a failed check raises at once.

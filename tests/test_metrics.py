@@ -33,7 +33,7 @@ def test_fisher_divergence_of_the_exact_score_is_zero_and_scales():
     assert float(M.fisher_divergence(MIX.score, MIX.score, x)) == 0.0
     # s = c s*: |s - s*|^2 / |s*|^2 = (1 - c)^2 at every point, so exactly on any sample.
     for c in (0.0, 0.5, 2.0):
-        rel = M.fisher_divergence(lambda z: c * MIX.score(z), MIX.score, x, relative=True)
+        rel = M.fisher_divergence(lambda z, c=c: c * MIX.score(z), MIX.score, x, relative=True)
         np.testing.assert_allclose(float(rel), (1 - c) ** 2, rtol=1e-5)
     with pytest.raises(ValueError, match=r"must return x's shape \(500, 2\)"):
         M.fisher_divergence(lambda z: z[:, :1], MIX.score, x)
@@ -52,8 +52,9 @@ def _exact_models(mix):
 def test_per_sigma_fisher_divergence_of_exact_models_is_zero(parameterization):
     sigmas = jnp.array([2.0, 0.5, 0.1])
     model = _exact_models(MIX)[parameterization]
-    out = M.per_sigma_fisher_divergence(model, MIX, sigmas, jax.random.key(1), num_samples=500,
-                                        parameterization=parameterization)
+    out = M.per_sigma_fisher_divergence(
+        model, MIX, sigmas, jax.random.key(1), num_samples=500, parameterization=parameterization
+    )
     assert out.absolute.shape == out.relative.shape == (3,)
     np.testing.assert_array_equal(out.sigmas, sigmas)
     # "score" is the target itself; "eps" and "x0" go through a float32 conversion (Tweedie for x0).
@@ -80,7 +81,9 @@ def test_per_sigma_fisher_divergence_rejects_bad_input():
     with pytest.raises(ValueError, match="sigmas must be > 0"):
         M.per_sigma_fisher_divergence(lambda x, s: x, MIX, jnp.array([1.0, 0.0]), jax.random.key(0))
     with pytest.raises(ValueError, match="parameterization must be one of"):
-        M.per_sigma_fisher_divergence(lambda x, s: x, MIX, jnp.array([1.0]), jax.random.key(0), parameterization="noise")
+        M.per_sigma_fisher_divergence(
+            lambda x, s: x, MIX, jnp.array([1.0]), jax.random.key(0), parameterization="noise"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -97,8 +100,9 @@ def _mmd2_float64(x, y, h):
     k = lambda a, b: np.exp(-np.sum((a[:, None] - b[None]) ** 2, -1) / (2 * h * h))
     n, m = len(x), len(y)
     kxx, kyy = k(x, x), k(y, y)
-    return ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-            - 2 * k(x, y).mean())
+    return (
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * k(x, y).mean()
+    )
 
 
 def test_mmd_of_identical_sets():
@@ -114,8 +118,9 @@ def test_mmd_of_identical_sets():
 def test_mmd_blocks_match_the_definition():
     # Sizes that no block divides: the padding must not count.
     x, y = MIX.sample(jax.random.key(4), 50), MIX.sample(jax.random.key(5), 33) + 0.3
-    np.testing.assert_allclose(float(M.mmd2(x, y, bandwidth=0.7, block_size=7)), _mmd2_float64(x, y, 0.7),
-                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        float(M.mmd2(x, y, bandwidth=0.7, block_size=7)), _mmd2_float64(x, y, 0.7), rtol=1e-4, atol=1e-7
+    )
 
 
 def test_mmd_never_builds_the_full_gram_matrix():
@@ -148,11 +153,18 @@ def test_mmd_of_shifted_gaussians_matches_the_closed_form():
     c = (h**2 / (h**2 + 2 * s**2)) ** (d / 2)
     exact = 2 * c * (1 - math.exp(-1.0 / (2 * (h**2 + 2 * s**2))))
     keys = jax.random.split(jax.random.key(6), 2 * reps)
-    est = np.array([
-        float(M.mmd2(s * jax.random.normal(keys[2 * i], (n, d)), delta + s * jax.random.normal(keys[2 * i + 1], (n, d)),
-                     bandwidth=h))
-        for i in range(reps)
-    ])
+    est = np.array(
+        [
+            float(
+                M.mmd2(
+                    s * jax.random.normal(keys[2 * i], (n, d)),
+                    delta + s * jax.random.normal(keys[2 * i + 1], (n, d)),
+                    bandwidth=h,
+                )
+            )
+            for i in range(reps)
+        ]
+    )
     se = est.std(ddof=1) / math.sqrt(reps)
     assert abs(est.mean() - exact) < 4 * se, (est.mean(), exact, se)
     assert se < 0.05 * exact  # the check is sharp enough to see a wrong constant
@@ -185,8 +197,10 @@ def test_mmd_floor_is_centred_at_zero_and_has_power():
     assert abs(float(jnp.mean(floor.values))) < 4 * se
     np.testing.assert_allclose(float(floor.floor), float(jnp.sqrt(jnp.mean(floor.values**2))), rtol=1e-6)
     keys = jax.random.split(jax.random.key(8), 2 * pairs)
-    biased = [float(M.mmd2(MIX.sample(keys[2 * i], n), MIX.sample(keys[2 * i + 1], n), bandwidth=1.0, unbiased=False))
-              for i in range(pairs)]
+    biased = [
+        float(M.mmd2(MIX.sample(keys[2 * i], n), MIX.sample(keys[2 * i + 1], n), bandwidth=1.0, unbiased=False))
+        for i in range(pairs)
+    ]
     assert np.mean(biased) > 4 * se
     shifted = MIX.sample(jax.random.key(9), n) + jnp.array([0.5, 0.0])
     assert float(M.mmd2(shifted, MIX.sample(jax.random.key(10), n), bandwidth=1.0)) > 10 * float(floor.floor)
@@ -239,9 +253,12 @@ def test_sliced_wasserstein_is_exact_per_direction():
     assert float(M.sliced_wasserstein(x, xx, jax.random.key(0), num_projections=16)) < 1e-5
     # 1-D, sizes 2 and 4: quantile functions {0, 1} and {0, 1, 2, 3} on quarters differ by 0, 1, 1, 2.
     a, b = jnp.array([[0.0], [1.0]]), jnp.array([[3.0], [1.0], [0.0], [2.0]])
-    np.testing.assert_allclose(float(M.sliced_wasserstein(a, b, jax.random.key(0), num_projections=3, p=1)), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(float(M.sliced_wasserstein(a, b, jax.random.key(0), num_projections=3, p=2)),
-                               math.sqrt(1.5), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(M.sliced_wasserstein(a, b, jax.random.key(0), num_projections=3, p=1)), 1.0, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        float(M.sliced_wasserstein(a, b, jax.random.key(0), num_projections=3, p=2)), math.sqrt(1.5), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="p must be a number >= 1, got 0.5"):
         M.sliced_wasserstein(a, b, jax.random.key(0), p=0.5)
 
@@ -289,8 +306,9 @@ def test_psnr_known_values():
     zeros = jnp.zeros((1, 8, 8, 1))
     np.testing.assert_allclose(M.psnr(zeros + 0.1, zeros, data_range=1.0), [20.0], rtol=1e-5)
     np.testing.assert_allclose(M.psnr(zeros + 0.2, zeros, data_range=2.0), [20.0], rtol=1e-5)
-    np.testing.assert_allclose(M.psnr(jnp.ones((2, 3)), jnp.zeros((2, 3)), data_range=255.0),
-                               [20 * math.log10(255.0)] * 2, rtol=1e-5)
+    np.testing.assert_allclose(
+        M.psnr(jnp.ones((2, 3)), jnp.zeros((2, 3)), data_range=255.0), [20 * math.log10(255.0)] * 2, rtol=1e-5
+    )
     # Per example: half the pixels off by 1 (MSE 1/2) on [-1, 1] data.
     x = jnp.array([[1.0, -1.0], [0.0, 0.0]])
     np.testing.assert_allclose(M.psnr(x, jnp.array([[0.0, -1.0], [0.0, 0.0]])), [10 * math.log10(8.0), np.inf])

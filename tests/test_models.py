@@ -133,3 +133,17 @@ def test_bad_configurations_raise():
     model, params, x = _setup("mlp_vector")
     with pytest.raises(ValueError, match="sigma"):
         model.apply({"params": params}, x, jnp.ones(3))
+
+
+def test_parameters_trained_with_another_fourier_scale_keep_their_frequencies():
+    """The default scale changed from 16 to 1; W is a stored parameter, so old parameters give their old outputs."""
+    old = NoiseConditionalMLP(width=16, depth=1, fourier_scale=16.0, zero_init_output=False)
+    new = NoiseConditionalMLP(width=16, depth=1, zero_init_output=False)
+    assert new.fourier_scale == 1.0
+    x, sigma = jax.random.normal(jax.random.key(0), (4, 2)), jnp.array([0.01, 0.1, 1.0, 10.0])
+    params = init_params(old, jax.random.key(1), x[:1])
+    np.testing.assert_array_equal(new.apply({"params": params}, x, sigma), old.apply({"params": params}, x, sigma))
+    # A fresh default model draws W at the new scale: ~16x smaller frequencies.
+    w_old = params["SigmaEmbedding_0"]["GaussianFourierEmbedding_0"]["W"]
+    w_new = init_params(new, jax.random.key(1), x[:1])["SigmaEmbedding_0"]["GaussianFourierEmbedding_0"]["W"]
+    np.testing.assert_allclose(w_old, 16.0 * w_new, rtol=1e-5)

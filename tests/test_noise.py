@@ -96,7 +96,10 @@ def test_ncsnv2_step_size_cifar10_config():
         (lambda: geometric_sigmas(1e39, 0.05, 5), r"sigma_max must lie in .* float32, got 1e\+39"),
         (lambda: sample_log_uniform_sigmas(jax.random.key(0), (3,), 1e-50, 1.0), "sigma_min must lie in"),
         (lambda: sample_log_uniform_sigmas(jax.random.key(0), (3,), 0.1, 1e39), "sigma_max must lie in"),
-        (lambda: sample_log_uniform_sigmas(0, (3,), 0.1, 1.0), r"key must be a PRNG key: pass jax.random.key\(seed\), got 0 \(int\)"),
+        (
+            lambda: sample_log_uniform_sigmas(0, (3,), 0.1, 1.0),
+            r"key must be a PRNG key: pass jax.random.key\(seed\), got 0 \(int\)",
+        ),
         (lambda: get_weighting("sigma"), "weighting must be one of"),
         (lambda: ncsnv2_step_size(jnp.array([0.1, 1.0]), 5), "strictly decreasing"),
         (lambda: ncsnv2_step_size(jnp.array([1.0, 0.1]), 0), "steps_per_sigma"),

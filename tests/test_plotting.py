@@ -90,6 +90,8 @@ def test_losses_from_records_and_jsonl(tmp_path):
     _check_png(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="sigmas has 2 entries but per_sigma_loss has 3"):
         P.plot_losses(path, sigmas=[1.0, 0.1])
+    with pytest.raises(ValueError, match=r"sigmas must be positive, got \[1.0, 0.0, 0.1\]"):
+        P.plot_losses(path, sigmas=[1.0, 0.0, 0.1])  # a log colour scale
     with pytest.raises(ValueError, match="no training records"):
         P.plot_losses([{"event": "start", "step": 0}])
     (tmp_path / "bad.jsonl").write_text('{"step": 1, "loss": 1}\nnot json\n')
@@ -97,6 +99,79 @@ def test_losses_from_records_and_jsonl(tmp_path):
         P.read_metrics(tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="does not exist"):
         P.read_metrics(tmp_path / "missing.jsonl")
+
+
+def _records_20_sigmas(sigmas):
+    return [{"step": s, "loss": 1.0 / s, "grad_norm": 1.0 + 1.0 / s,
+             "per_sigma_loss": [1.0 / (s * sig**2) for sig in sigmas]} for s in range(10, 210, 10)]
+
+
+def test_losses_colour_twenty_sigmas_by_a_log_colorbar():
+    sigmas = np.geomspace(5.0, 0.01, 20)
+    fig = P.plot_losses(_records_20_sigmas(sigmas), sigmas=sigmas)
+    panels, bars = fig.axes[:3], fig.axes[3:]
+    assert len(panels) == 3 and len(bars) == 1  # the loss, per sigma, gradient norm; one colorbar
+    assert all(ax.get_xlabel() == "step" and ax.get_ylabel() for ax in panels)
+    assert all(ax.get_legend() is None for ax in panels)  # no legend to cover the curves
+    assert "unweighted" in panels[1].get_title() and "weighted" in panels[0].get_title()
+    assert len(panels[1].get_lines()) == 20
+    colours = {tuple(line.get_color()) for line in panels[1].get_lines()}
+    assert len(colours) == 20  # one colour per level
+    (bar,) = bars
+    assert bar.get_yscale() == "log" and "sigma" in bar.get_ylabel()
+    low, high = bar.get_ylim()
+    np.testing.assert_allclose([low, high], [0.01, 5.0], rtol=1e-6)
+    # Without sigmas: coloured by level index, still a colorbar and no legend.
+    fig = P.plot_losses(_records_20_sigmas(sigmas))
+    assert "index" in fig.axes[3].get_ylabel() and fig.axes[1].get_legend() is None
+
+
+def test_samples_have_axis_labels_readable_points_and_count_what_is_off_the_plot():
+    data = np.random.default_rng(0).uniform(-1.0, 1.0, (400, 2))  # no tail beyond the 10% margin
+    samples = np.concatenate([data, [[50.0, 50.0], [-40.0, 0.0]]])
+    fig = P.plot_samples(samples, data)
+    left, right = fig.axes
+    assert (left.get_xlabel(), left.get_ylabel(), right.get_xlabel()) == ("$x_1$", "$x_2$", "$x_1$")
+    assert left.get_title() == "data (n = 400)" and right.get_title() == "samples (n = 402, 2 outside)"
+    assert right.collections[0].get_sizes()[0] >= 3.0
+
+
+def test_score_field_has_a_colorbar_a_note_on_normalised_arrows_and_crops_to_the_density():
+    # Two clusters at (2, 2) and (-2, -2), std 0.5: beyond the old fixed [-3, 3] box.
+    def log_prob(x):
+        x = np.asarray(x)
+        return np.logaddexp(-np.sum((x - 2.0) ** 2, 1) / 0.5, -np.sum((x + 2.0) ** 2, 1) / 0.5)
+
+    fig = P.plot_score_field(lambda x: -np.asarray(x), log_prob_fn=log_prob, num_arrows=9, resolution=40)
+    ax, bar = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("$x_1$", "$x_2$") and bar.get_ylabel() == "density"
+    assert "normalised" in fig.get_supxlabel()
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    # Density above 1% of its peak reaches 2 + 0.5 * sqrt(2 ln 100) = 3.52 from the origin; with the margin ~4.2.
+    assert 3.5 < x1 < 5.0 and -5.0 < x0 < -3.5 and 3.5 < y1 < 5.0
+    # A narrow density far from the origin: the box moves there and shrinks around it.
+    fig = P.plot_score_field(lambda x: -np.asarray(x), num_arrows=5, resolution=20,
+                             log_prob_fn=lambda x: -np.sum((np.asarray(x) - [20.0, -10.0]) ** 2, 1) / 0.02)
+    (x0, x1), (y0, y1) = fig.axes[0].get_xlim(), fig.axes[0].get_ylim()
+    assert x0 < 20.0 < x1 and y0 < -10.0 < y1 and x1 - x0 < 3.0
+    # Background from data: a histogram density with its colorbar.
+    fig = P.plot_score_field(lambda x: -np.asarray(x), data=_two_blobs(), num_arrows=5)
+    assert "histogram" in fig.axes[1].get_ylabel()
+    # A wide field: square arrow cells (5 along x, 3 along y) and a figure as wide as the data, not a strip.
+    calls = []
+    fig = P.plot_score_field(lambda x: calls.append(len(x)) or -np.asarray(x), xlim=(-2, 2), ylim=(-1, 1), num_arrows=5)
+    assert calls == [15]
+    width, height = fig.get_size_inches()
+    assert height < 0.75 * width
+    with pytest.raises(ValueError, match="num_arrows must be an integer >= 2, got 1"):
+        P.plot_score_field(lambda x: -np.asarray(x), num_arrows=1)
+
+
+def test_figures_display_as_png_in_ipython():
+    formatters = pytest.importorskip("IPython.core.formatters")
+    fig = P.plot_samples(_two_blobs())
+    png = formatters.PNGFormatter()(fig)  # what a notebook cell ending with the figure shows
+    assert png[:8] == PNG_SIGNATURE and len(png) > 2000
 
 
 def test_missing_matplotlib_gives_an_install_hint(monkeypatch):

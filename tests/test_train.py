@@ -25,6 +25,7 @@ import pytest
 from dsm_jax.checkpoint import Checkpointer, CorruptCheckpointWarning
 from dsm_jax.distributions import GaussianMixture
 from dsm_jax.models import NoiseConditionalMLP, init_params, make_score_fn
+from dsm_jax.models import make_dsm_loss_fn as models_make_dsm_loss_fn
 from dsm_jax.noise import geometric_sigmas
 from dsm_jax.runlog import MetricsLogWarning, read_metrics, repair_metrics
 from dsm_jax.train import (
@@ -34,6 +35,7 @@ from dsm_jax.train import (
     TrainingTerminated,
     create_train_state,
     make_dsm_loss_fn,
+    make_multi_step,
     make_optimizer,
     make_train_step,
     train,
@@ -228,6 +230,83 @@ def test_steps_per_call_matches_single_steps(tmp_path, uninterrupted):
     """
     state = _run(tmp_path, 40, steps_per_call=3)
     chex.assert_trees_all_close(state.params, uninterrupted.params, rtol=1e-4, atol=1e-5)
+
+
+def test_in_memory_training_writes_nothing_and_equals_a_workdir_run(tmp_path, monkeypatch, uninterrupted):
+    """workdir=None: the same compiled calls on the same steps as with a work directory, bitwise; no files, no handlers."""
+    monkeypatch.chdir(tmp_path)
+    loss_fn, params, batch_at = _toy()
+    handlers = []
+
+    def watched(step):
+        handlers.append(signal.getsignal(signal.SIGINT))
+        return batch_at(step)
+
+    state = train(loss_fn, params, watched, num_steps=40, optimizer=_optimizer(), **{**TRAIN_KW, "save_every": 10})
+    chex.assert_trees_all_equal(state, uninterrupted)
+    assert os.listdir(tmp_path) == []
+    assert set(handlers) == {signal.default_int_handler}
+    with pytest.raises(NonFiniteError, match=r"at step 3 .*training in memory, nothing was saved\.$"):
+        train(*_toy(nan_step=3), num_steps=10, optimizer=_optimizer(), **TRAIN_KW)
+    assert os.listdir(tmp_path) == []
+
+
+def test_multi_step_scans_k_steps_and_runs_one_step_without_a_loop():
+    """make_multi_step: k steps in a scan equal k single steps with the keys fold_in(base, step); k = 1 has no loop."""
+    # A small quadratic loss with noise from the key: cheap to compile, and wrong keys would show.
+    loss_fn = lambda p, b, k: jnp.mean((p["w"] * b - jax.random.normal(k, b.shape)) ** 2)
+    params = {"w": jnp.ones((3,))}
+    opt = optax.adam(0.1)
+    step = make_train_step(loss_fn, opt, ema_decay=0.9)
+    run_steps = make_multi_step(step)
+    # From step 7: the keys follow state.step, not the position in the call.
+    state, base = create_train_state(params, opt).replace(step=jnp.int32(7)), jax.random.key(5)
+    batches = np.random.default_rng(0).standard_normal((3, 4, 3)).astype(np.float32)
+    many, metrics = jax.jit(run_steps)(state, batches, base)
+    one_by_one, jitted = state, jax.jit(step)
+    for s in range(3):
+        one_by_one, last = jitted(one_by_one, batches[s], jax.random.fold_in(base, 7 + s))
+    chex.assert_trees_all_close(many, one_by_one, rtol=1e-6, atol=1e-7)
+    assert metrics["loss"].shape == (3,) and int(many.step) == 10
+    np.testing.assert_allclose(metrics["loss"][-1], last["loss"], rtol=1e-6)
+    loops = ("scan", "while")
+    assert any(p in str(jax.make_jaxpr(run_steps)(state, batches, base)) for p in loops)
+    one = jax.make_jaxpr(run_steps)(state, batches[:1], base)
+    assert not any(p in str(one) for p in loops)
+    assert jax.eval_shape(run_steps, state, batches[:1], base)[1]["loss"].shape == (1,)
+    with pytest.raises(ValueError, match="unroll must be .*got 0"):
+        make_multi_step(step, unroll=0)
+
+
+def test_the_key_batch_protocol_is_an_explicit_argument():
+    """loss_takes_key_batch decides whether the loss sees the [B] keys at once; it overrides accepts_key_batch."""
+    model_loss, params, batch_at = _toy(batch=8)
+    shapes = []
+
+    def loss(p, b, k):
+        shapes.append((b.shape[0], k.shape))
+        return model_loss(p, b, k)
+
+    opt = optax.adam(1e-3)
+    state = create_train_state(params, opt)
+    run = lambda **kw: jax.eval_shape(make_train_step(loss, opt, **kw), state, batch_at(0), jax.random.key(0))
+    run()  # unmarked: vmapped over examples, one key each
+    run(loss_takes_key_batch=True)
+    loss.accepts_key_batch = True
+    run()  # the mark is read when the argument is absent
+    run(loss_takes_key_batch=False)  # the argument wins
+    assert shapes == [(1, ()), (8, (8,)), (8, (8,)), (1, ())]
+    assert make_dsm_loss_fn is models_make_dsm_loss_fn and models_make_dsm_loss_fn.__module__ == "dsm_jax.models.apply"
+    with pytest.raises(ValueError, match="loss_takes_key_batch must be True, False or None, got 'yes'"):
+        make_train_step(loss, opt, loss_takes_key_batch="yes")
+
+
+def test_dsm_jax_train_does_not_load_the_networks():
+    code = ("import sys, dsm_jax.train as t; assert 'dsm_jax.models' not in sys.modules; "
+            "from dsm_jax.train import make_dsm_loss_fn; assert 'dsm_jax.models' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Flax networks for ``model_fn(x, sigma)``: a noise-conditional MLP, a small U-Net, sigma embeddings.
 
 Use :func:`make_model_fn` to turn ``(module, params)`` into the library's
-model signature (optionally with NCSNv2's ``output / sigma``).
+model signature (optionally with NCSNv2's ``output / sigma``) and
+:func:`make_dsm_loss_fn` for the multi-scale DSM training loss of a module.
 """
 
-from dsm_jax.models.apply import init_params, make_model_fn, make_score_fn
+from dsm_jax.models.apply import init_params, make_dsm_loss_fn, make_model_fn, make_score_fn
 from dsm_jax.models.embeddings import GaussianFourierEmbedding, SigmaEmbedding, sinusoidal_embedding
 from dsm_jax.models.mlp import NoiseConditionalMLP
 from dsm_jax.models.unet import UNet
@@ -15,6 +16,7 @@ __all__ = [
     "SigmaEmbedding",
     "UNet",
     "init_params",
+    "make_dsm_loss_fn",
     "make_model_fn",
     "make_score_fn",
     "sinusoidal_embedding",

@@ -26,35 +26,43 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
-import run  # noqa: E402  (the harness: the same networks and steps; imports dsm_jax first)
+import run  # noqa: E402  (the benchmarks' sizes; sets the import path and imports dsm_jax first)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from bench_dsm_step import jax_dsm_step, library_train_step  # noqa: E402
+from dsm_jax.losses import explicit_score_matching_loss, multiscale_dsm_loss  # noqa: E402
+from dsm_jax.noise import geometric_sigmas  # noqa: E402
+from dsm_jax.samplers import annealed_langevin  # noqa: E402
+from harness import Bench  # noqa: E402
+from seed_mlp import SIGMA_MAX, SIGMA_MIN, Net, data, keys  # noqa: E402
 
 WORKLOADS = ("dsm_step", "explicit_sm", "langevin", "multiscale")
 
 
 def workload(name: str, dim: int, batch: int):
-    """A blocking ``fn()`` running one call of the workload, on the harness's network."""
-    cfg = dict(run.FULL)
-    net = run.Net(dim, cfg, None)
-    x = jnp.asarray(run._data(dim, batch))
+    """A blocking ``fn()`` running one call of the workload, on the benchmarks' network and full sizes."""
+    b = Bench(dict(run.FULL), None, repeats=1)
+    cfg = b.cfg
+    net = Net(dim, cfg, None)
+    x = jnp.asarray(data(dim, batch))
     if name == "dsm_step":
-        step, state = run.jax_dsm_step(net)
-        return run.stepper(step, state, [(x, k) for k in run._keys()])
+        step, state = jax_dsm_step(b, net)
+        return b.stepper(step, state, [(x, k) for k in keys()])
     if name == "explicit_sm":
-        loss = lambda p, x, k: run.explicit_score_matching_loss(net.score_fn(p), x)
-        step, state = run._jax_train_step(loss, net.params)
-        return run.stepper(step, state, [(x, jax.random.key(0))])
+        loss = lambda p, x, k: explicit_score_matching_loss(net.score_fn(p), x)
+        step, state = library_train_step(loss, net.params)
+        return b.stepper(step, state, [(x, jax.random.key(0))])
     if name == "langevin":
-        sigmas = run.geometric_sigmas(1.0, run.SIGMA_MIN, cfg["ld_levels"])
-        sample = jax.jit(lambda p, x, k: run.annealed_langevin(net.model_fn(p), x, k, sigmas, steps_per_sigma=cfg["ld_steps"],
-                                                               step_lr=cfg["ld_eps"], final_denoise=False))
-        return run.blocking(sample, net.params, x, jax.random.key(0))
-    sigmas = run.geometric_sigmas(run.SIGMA_MAX, run.SIGMA_MIN, cfg["ms_levels"])
-    grad = jax.jit(jax.value_and_grad(lambda p, x, k: run.multiscale_dsm_loss(net.model_fn(p), x, sigmas, k, weighting="sigma2",
-                                                                              sigma_sampling="all")))
-    return run.blocking(grad, net.params, x, jax.random.key(0))
+        sigmas = geometric_sigmas(1.0, SIGMA_MIN, cfg["ld_levels"])
+        sample = jax.jit(lambda p, x, k: annealed_langevin(net.model_fn(p), x, k, sigmas, steps_per_sigma=cfg["ld_steps"],
+                                                           step_lr=cfg["ld_eps"], final_denoise=False))
+        return b.blocking(sample, net.params, x, jax.random.key(0))
+    sigmas = geometric_sigmas(SIGMA_MAX, SIGMA_MIN, cfg["ms_levels"])
+    grad = jax.jit(jax.value_and_grad(lambda p, x, k: multiscale_dsm_loss(net.model_fn(p), x, sigmas, k, weighting="sigma2",
+                                                                          sigma_sampling="all")))
+    return b.blocking(grad, net.params, x, jax.random.key(0))
 
 
 def top_operations(trace_dir: Path, calls: int, top: int) -> list:
