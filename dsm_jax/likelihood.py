@@ -34,7 +34,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,7 @@ def log_likelihood(
     model_fn: ModelFn,
     sde: SDE,
     x: jax.Array,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     *,
     trace: str = "exact",
     num_probes: int = 1,
@@ -62,12 +62,12 @@ def log_likelihood(
     rtol=None,
     atol=None,
     t_min=None,
-    num_steps: Optional[int] = None,
+    num_steps: int | None = None,
     solver=None,
     max_steps: int = ode.DEFAULT_MAX_STEPS,
     parameterization: str = "score",
-    chunk_size: Optional[int] = None,
-    prior_log_prob: Optional[Callable[[jax.Array], jax.Array]] = None,
+    chunk_size: int | None = None,
+    prior_log_prob: Callable[[jax.Array], jax.Array] | None = None,
     stepsize_controller=None,
 ) -> jax.Array:
     """``log p_{t_min}(x)`` in nats, per example, via the probability-flow ODE.
@@ -102,7 +102,8 @@ def log_likelihood(
 
     Example:
         >>> ll = jax.jit(lambda x: log_likelihood(model_fn, VPSDE(), x, None))(x)   # doctest: +SKIP
-        >>> bits_per_dim(ll, 784, dequantization_offset=uniform_dequantization_offset(256, (0.0, 1.0)))  # doctest: +SKIP
+        >>> offset = uniform_dequantization_offset(256, (0.0, 1.0))
+        >>> bits_per_dim(ll, 784, dequantization_offset=offset)  # doctest: +SKIP
     """
     check_batched("x", x)
     check_choice("trace", trace, TRACES)
@@ -116,8 +117,14 @@ def log_likelihood(
     ts = sde.time_grid(1, t_min=t_min)
     t0, t1 = ts[-1], ts[0]  # forward in time: t_min -> T
     options = ode.ode_options(
-        t0, t1, rtol=rtol, atol=atol, num_steps=num_steps, solver=solver,
-        stepsize_controller=stepsize_controller, max_steps=max_steps,
+        t0,
+        t1,
+        rtol=rtol,
+        atol=atol,
+        num_steps=num_steps,
+        solver=solver,
+        stepsize_controller=stepsize_controller,
+        max_steps=max_steps,
     )
 
     def vector_field(t, state):
@@ -191,7 +198,9 @@ def _range(data_range):
     return low, high
 
 
-def uniform_dequantize(key: jax.Array, levels: jax.Array, *, num_bins: int = 256, data_range: Sequence[float] = (-1.0, 1.0)) -> jax.Array:
+def uniform_dequantize(
+    key: jax.Array, levels: jax.Array, *, num_bins: int = 256, data_range: Sequence[float] = (-1.0, 1.0)
+) -> jax.Array:
     """Maps integer levels ``k in {0, ..., num_bins - 1}`` to ``low + (k + u) W / num_bins``, ``u ~ U[0, 1)``.
 
     The continuous values fill the bins exactly, which is what the offset of

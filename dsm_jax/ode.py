@@ -26,7 +26,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ DEFAULT_MAX_STEPS = 4096
 Field = Callable[[Any, Any], Any]  # field(t, y) -> dy/dt, y a pytree
 
 
-def solver_evaluations(solver) -> Optional[Tuple[int, int]]:
+def solver_evaluations(solver) -> tuple[int, int] | None:
     """``(evaluations per step, one-off evaluations)`` of a diffrax solver, or None when unknown.
 
     ``Euler`` is ``(1, 0)``; an explicit Runge-Kutta tableau with ``s`` stages
@@ -76,7 +77,7 @@ def solve(
     dt0=None,
     saveat=None,
     max_steps: int = DEFAULT_MAX_STEPS,
-) -> Tuple[Any, jax.Array]:
+) -> tuple[Any, jax.Array]:
     """Solves ``dy/dt = field(t, y)`` from ``t0`` to ``t1``; returns ``(solution, nfe)``.
 
     Args:
@@ -138,7 +139,7 @@ def ode_options(
     *,
     rtol=None,
     atol=None,
-    num_steps: Optional[int] = None,
+    num_steps: int | None = None,
     solver=None,
     stepsize_controller=None,
     max_steps: int = DEFAULT_MAX_STEPS,

@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Tuple, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,8 @@ from dsm_jax._checks import (
     check_state,
     is_concrete,
 )
-from dsm_jax.parameterization import ModelFn, broadcast_sigma, check_parameterization, expand_to, score_from_model
+from dsm_jax._utils import LOG_2PI, to_batch, to_batch_expanded
+from dsm_jax.parameterization import ModelFn, check_parameterization, model_to_score
 
 __all__ = [
     "SDE",
@@ -79,8 +81,6 @@ __all__ = [
 
 TimeScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 """``score_fn(x, t) -> [B, *D]``: the score of the marginal ``p_t``, ``t`` a scalar or ``[B]``."""
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _check_times(T, t_min) -> None:
@@ -123,11 +123,6 @@ def _static(default):
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
-def _per_example(value, x: jax.Array) -> jax.Array:
-    """A coefficient of ``t`` (scalar or ``[B]``) as ``[B, 1, ...]`` to broadcast against ``x``."""
-    return expand_to(broadcast_sigma(value, x), x)
-
-
 class SDE:
     """Base class: a linear SDE ``dx = f(x, t) dt + g(t) dw`` with a Gaussian prior.
 
@@ -140,7 +135,7 @@ class SDE:
     T: float
     t_min: float
 
-    def replace(self, **changes) -> "SDE":
+    def replace(self, **changes) -> SDE:
         """A copy with some fields changed (``dataclasses.replace``; validated like a new SDE)."""
         return dataclasses.replace(cast(Any, self), **changes)
 
@@ -155,7 +150,7 @@ class SDE:
 
     def drift(self, x: jax.Array, t) -> jax.Array:
         """``f(x, t)``, shape of ``x``; ``t`` a scalar or ``[B]``."""
-        return _per_example(self.drift_coefficient(t), x) * x
+        return to_batch_expanded(self.drift_coefficient(t), x) * x
 
     # -- reverse time -------------------------------------------------------
     def time_grid(self, num_steps: int, *, t_min=None, t_start=None) -> jax.Array:
@@ -188,7 +183,7 @@ class SDE:
         + g dw_bar`` run from ``T`` down to 0 (Anderson 1982; Song et al. 2021,
         Eq. 6); ``score`` is ``s(x, t) = grad log p_t(x)``, the shape of ``x``.
         """
-        return self.drift(x, t) - _per_example(self.diffusion(t), x) ** 2 * score
+        return self.drift(x, t) - to_batch_expanded(self.diffusion(t), x) ** 2 * score
 
     def probability_flow_drift(self, x: jax.Array, t, score: jax.Array) -> jax.Array:
         """The probability-flow vector field ``f(x, t) - g(t)^2 s(x, t) / 2``.
@@ -196,10 +191,10 @@ class SDE:
         ``dx/dt`` of this ODE has the marginals ``p_t`` of the SDE at every
         ``t`` (Song et al. 2021, Eq. 13); ``score`` is ``s(x, t)``.
         """
-        return self.drift(x, t) - 0.5 * _per_example(self.diffusion(t), x) ** 2 * score
+        return self.drift(x, t) - 0.5 * to_batch_expanded(self.diffusion(t), x) ** 2 * score
 
     # -- the marginal ------------------------------------------------------
-    def marginal(self, t) -> Tuple[jax.Array, jax.Array]:
+    def marginal(self, t) -> tuple[jax.Array, jax.Array]:
         """``(scale(t), sigma(t))`` with ``x_t = scale(t) x_0 + sigma(t) eps``."""
         raise NotImplementedError
 
@@ -245,7 +240,7 @@ class SDE:
         dim = math.prod(z.shape[1:])
         std = jnp.asarray(self.prior_std, z.dtype)
         sq = jnp.sum((z / std).reshape(z.shape[0], -1) ** 2, axis=-1)
-        return -0.5 * sq - dim * (jnp.log(std) + 0.5 * _LOG_2PI)
+        return -0.5 * sq - dim * (jnp.log(std) + 0.5 * LOG_2PI)
 
 
 @_pytree
@@ -278,9 +273,7 @@ class VESDE(SDE):
         _check_positive("sigma_max", self.sigma_max)
         lo, hi = _concrete_float(self.sigma_min), _concrete_float(self.sigma_max)
         if lo is not None and hi is not None and not hi > lo:
-            raise ValueError(
-                f"sigma_max must exceed sigma_min, got sigma_min={lo!r}, sigma_max={hi!r}."
-            )
+            raise ValueError(f"sigma_max must exceed sigma_min, got sigma_min={lo!r}, sigma_max={hi!r}.")
         _check_times(self.T, self.t_min)
 
     def _log_ratio(self):
@@ -315,9 +308,7 @@ def _check_betas(beta_min, beta_max) -> None:
             raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
     lo, hi = _concrete_float(beta_min), _concrete_float(beta_max)
     if lo is not None and hi is not None and not (hi >= lo and hi > 0):
-        raise ValueError(
-            f"beta_max must be > 0 and >= beta_min, got beta_min={lo!r}, beta_max={hi!r}."
-        )
+        raise ValueError(f"beta_max must be > 0 and >= beta_min, got beta_min={lo!r}, beta_max={hi!r}.")
 
 
 class _BetaSchedule(SDE):
@@ -442,7 +433,8 @@ def time_score_fn(model_fn: ModelFn, sde: SDE, *, parameterization: str = "score
     (:func:`dsm_jax.parameterization.score_from_model`; "x0" uses
     ``scale(t)``): the model stays conditioned on sigma, the SDE maps time to
     sigma. This is where the samplers and the likelihood convert a model,
-    once; everything after works on a score.
+    once (the parameterization is validated here, not per call); everything
+    after works on a score.
 
     Args:
         model_fn: ``model_fn(x, sigma) -> out`` with ``sigma: [B]``.
@@ -464,9 +456,7 @@ def time_score_fn(model_fn: ModelFn, sde: SDE, *, parameterization: str = "score
 
     def score_fn(x, t):
         scale, sigma = sde.marginal(t)
-        return score_from_model(
-            model_fn, x, broadcast_sigma(sigma, x), parameterization=parameterization, scale=broadcast_sigma(scale, x)
-        )
+        return model_to_score(model_fn, x, to_batch(sigma, x), parameterization, scale=to_batch(scale, x))
 
     return score_fn
 

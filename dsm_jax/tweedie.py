@@ -23,10 +23,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 from dsm_jax._checks import check_batched, check_floating, check_same_shape, check_sigma
-from dsm_jax.parameterization import ModelFn, ScoreFn, as_score_fn, broadcast_sigma, expand_to
+from dsm_jax._utils import to_batch_expanded
+from dsm_jax.parameterization import ModelFn, ScoreFn, as_score_fn
 
 __all__ = ["posterior_mean", "posterior_covariance", "denoise"]
 
@@ -34,7 +34,7 @@ __all__ = ["posterior_mean", "posterior_covariance", "denoise"]
 def _per_example(value, x: jax.Array, name: str) -> jax.Array:
     """A scalar or ``[B]`` value as ``[B, 1, ...]`` to broadcast against ``x``."""
     check_sigma(value, x.shape[0], name=name)
-    return expand_to(broadcast_sigma(value, x), x)
+    return to_batch_expanded(value, x)
 
 
 def _check_inputs(score_fn, x_noisy, sigma, scale):
@@ -46,7 +46,7 @@ def _check_inputs(score_fn, x_noisy, sigma, scale):
     return sigma_b, scale_b
 
 
-def posterior_mean(score_fn: ScoreFn, x_noisy: jax.Array, sigma, *, scale: ArrayLike = 1.0) -> jax.Array:
+def posterior_mean(score_fn: ScoreFn, x_noisy: jax.Array, sigma, *, scale: float | jax.Array = 1.0) -> jax.Array:
     """Tweedie's denoiser ``E[x | y] = (y + sigma^2 s(y)) / scale``.
 
     Args:
@@ -83,7 +83,7 @@ def _batched_jacobian(fn: ScoreFn, x: jax.Array) -> jax.Array:
     return jnp.transpose(columns, (1, 2, 0))
 
 
-def posterior_covariance(score_fn: ScoreFn, x_noisy: jax.Array, sigma, *, scale: ArrayLike = 1.0) -> jax.Array:
+def posterior_covariance(score_fn: ScoreFn, x_noisy: jax.Array, sigma, *, scale: float | jax.Array = 1.0) -> jax.Array:
     """Second-order Tweedie: ``Cov[x | y] = (sigma^2 I + sigma^4 J_s(y)) / scale^2``.
 
     ``J_s = d s / d y`` is built column by column with ``jax.jvp`` (one per
@@ -115,7 +115,7 @@ def posterior_covariance(score_fn: ScoreFn, x_noisy: jax.Array, sigma, *, scale:
 
 
 def denoise(
-    model_fn: ModelFn, x_noisy: jax.Array, sigma, *, parameterization: str = "score", scale: ArrayLike = 1.0
+    model_fn: ModelFn, x_noisy: jax.Array, sigma, *, parameterization: str = "score", scale: float | jax.Array = 1.0
 ) -> jax.Array:
     """The denoiser of a trained model: Tweedie's ``E[x | y]`` with its score.
 

@@ -68,8 +68,10 @@ def test_solver_and_controller_objects_match_the_keywords(getkey):
     pid = diffrax.PIDController(rtol=1e-5, atol=1e-5)
     out = jax.jit(
         lambda: (
-            ll(), ll(solver=diffrax.Tsit5(), stepsize_controller=pid),
-            ll(num_steps=50), ll(num_steps=50, stepsize_controller=diffrax.ConstantStepSize()),
+            ll(),
+            ll(solver=diffrax.Tsit5(), stepsize_controller=pid),
+            ll(num_steps=50),
+            ll(num_steps=50, stepsize_controller=diffrax.ConstantStepSize()),
             ll(num_steps=100, solver=diffrax.Heun()),
         )
     )()

@@ -71,7 +71,7 @@ def test_fixed_and_adaptive_agree_on_a_pytree_state():
     fixed = ode.solve(field, state, 0.0, 1.0, **ode.ode_options(0.0, 1.0, num_steps=200))[0]
     adaptive = ode.solve(field, state, 0.0, 1.0, **ode.ode_options(0.0, 1.0, rtol=1e-7, atol=1e-7))[0]
     np.testing.assert_allclose(fixed.ys[0][-1], _exact(Y0, 0.0, 1.0), atol=1e-5)
-    for a, b in zip(jax.tree.leaves(fixed.ys), jax.tree.leaves(adaptive.ys)):
+    for a, b in zip(jax.tree.leaves(fixed.ys), jax.tree.leaves(adaptive.ys), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 

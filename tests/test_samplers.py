@@ -72,7 +72,7 @@ def test_mmd_floor_has_power(mmd_reference):
     wrong_weights = GaussianMixture(jnp.array([0.4, 0.4, 0.2]), MIX.means, MIX.covs)
     wrong_covs = GaussianMixture(MIX.weights, MIX.means, 1.3 * MIX.covs)
     for wrong in (wrong_weights, wrong_covs):
-        x = jax.jit(lambda k: wrong.sample(k, N_MMD))(jax.random.key(5))
+        x = jax.jit(lambda k, law=wrong: law.sample(k, N_MMD))(jax.random.key(5))
         assert float(mmd2_unbiased(x, fresh)) > FACTOR * floor
 
 
@@ -196,11 +196,15 @@ def _linear_model(x, sigma):
 
 JAXPR_CASES = {
     "langevin": lambda n: lambda x, k: S.langevin(lambda z: -z, x, k, step_size=0.1, num_steps=n),
-    "langevin_traj": lambda n: lambda x, k: S.langevin(
-        lambda z: -z, x, k, step_size=0.1, num_steps=n, return_trajectory=True, trajectory_every=7
-    )[0],
-    "annealed": lambda n: lambda x, k: S.annealed_langevin(
-        _linear_model, x, k, jnp.geomspace(10.0, 0.01, n), steps_per_sigma=n, step_lr=1e-3
+    "langevin_traj": lambda n: (
+        lambda x, k: S.langevin(
+            lambda z: -z, x, k, step_size=0.1, num_steps=n, return_trajectory=True, trajectory_every=7
+        )[0]
+    ),
+    "annealed": lambda n: (
+        lambda x, k: S.annealed_langevin(
+            _linear_model, x, k, jnp.geomspace(10.0, 0.01, n), steps_per_sigma=n, step_lr=1e-3
+        )
     ),
     "em": lambda n: lambda x, k: S.euler_maruyama(_linear_model, VESDE(), x, k, num_steps=n).samples,
     "pc": lambda n: lambda x, k: S.predictor_corrector(_linear_model, VPSDE(), x, k, num_steps=n).samples,
@@ -233,7 +237,13 @@ def test_trajectory_is_a_thinning_of_the_full_path():
     np.testing.assert_allclose(full[-1], x_full, rtol=1e-6)
     # SDE sampler: same thinning; without the Tweedie step the last snapshot is the sample.
     em = lambda every: S.euler_maruyama(
-        _linear_model, VESDE(), x0, key, num_steps=10, final_denoise=False, return_trajectory=True,
+        _linear_model,
+        VESDE(),
+        x0,
+        key,
+        num_steps=10,
+        final_denoise=False,
+        return_trajectory=True,
         trajectory_every=every,
     )
     full, thin = em(1), em(4)
@@ -242,8 +252,14 @@ def test_trajectory_is_a_thinning_of_the_full_path():
     np.testing.assert_allclose(full.trajectory[-1], full.samples, rtol=1e-6)
     # Annealed Langevin: by default one snapshot per level, after the start.
     x, traj = S.annealed_langevin(
-        _linear_model, x0, key, jnp.array([3.0, 1.0, 0.3]), steps_per_sigma=4, step_lr=0.01,
-        final_denoise=False, return_trajectory=True,
+        _linear_model,
+        x0,
+        key,
+        jnp.array([3.0, 1.0, 0.3]),
+        steps_per_sigma=4,
+        step_lr=0.01,
+        final_denoise=False,
+        return_trajectory=True,
     )
     assert traj.shape == (4, 5, 2)
     np.testing.assert_allclose(traj[-1], x, rtol=1e-6)
@@ -277,16 +293,37 @@ def _counting_model():
         lambda m, x, k: S.probability_flow_ode(
             m, VPSDE(), x, solver=diffrax.Heun(), stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)
         ),
-        lambda m, x, k: S.langevin(lambda z: m(z, jnp.ones(z.shape[0])), x, k, step_size=0.1, num_steps=6,
-                                   return_result=True),
+        lambda m, x, k: S.langevin(
+            lambda z: m(z, jnp.ones(z.shape[0])), x, k, step_size=0.1, num_steps=6, return_result=True
+        ),
         lambda m, x, k: S.annealed_langevin(m, x, k, _SIG, steps_per_sigma=4, step_lr=0.01, return_result=True),
-        lambda m, x, k: S.annealed_langevin(m, x, k, _SIG, steps_per_sigma=3, step_lr=0.01, final_denoise=False,
-                                            return_trajectory=True, return_result=True),
-        lambda m, x, k: S.inpaint_annealed_langevin(m, x, jnp.array([1.0, 0.0]), k, _SIG, steps_per_sigma=2,
-                                                    step_lr=0.01, return_result=True),
+        lambda m, x, k: S.annealed_langevin(
+            m,
+            x,
+            k,
+            _SIG,
+            steps_per_sigma=3,
+            step_lr=0.01,
+            final_denoise=False,
+            return_trajectory=True,
+            return_result=True,
+        ),
+        lambda m, x, k: S.inpaint_annealed_langevin(
+            m, x, jnp.array([1.0, 0.0]), k, _SIG, steps_per_sigma=2, step_lr=0.01, return_result=True
+        ),
     ],
-    ids=["em", "pc", "ddim", "ode_adaptive", "ode_fixed", "ode_heun_pid", "langevin", "annealed",
-         "annealed_traj", "inpaint_annealed"],
+    ids=[
+        "em",
+        "pc",
+        "ddim",
+        "ode_adaptive",
+        "ode_fixed",
+        "ode_heun_pid",
+        "langevin",
+        "annealed",
+        "annealed_traj",
+        "inpaint_annealed",
+    ],
 )
 def test_nfe_counts_model_evaluations(run):
     """Every sampler reports its model evaluations one way, SampleResult.nfe (the Langevin ones with
@@ -312,8 +349,9 @@ def test_return_result_keeps_the_langevin_samples_and_trajectory():
     np.testing.assert_array_equal(out.samples, anneal())
     assert out.trajectory is None and int(out.nfe) == 3 * 4 + 1
     mask = jnp.array([1.0, 0.0])
-    inpaint = lambda **kw: S.inpaint_annealed_langevin(_linear_model, x0, mask, key, _SIG, steps_per_sigma=2,
-                                                       step_lr=0.01, final_denoise=False, **kw)
+    inpaint = lambda **kw: S.inpaint_annealed_langevin(
+        _linear_model, x0, mask, key, _SIG, steps_per_sigma=2, step_lr=0.01, final_denoise=False, **kw
+    )
     out = inpaint(return_result=True)
     np.testing.assert_array_equal(out.samples, inpaint())
     np.testing.assert_array_equal(out.samples[:, 0], x0[:, 0])  # the known entries are the observation
@@ -422,21 +460,33 @@ _bad_shape_model = lambda x, sigma: x[:, :1]
         (lambda: S.langevin(lambda z: -z, _X, _K, step_size=-1.0, num_steps=3), "step_size"),
         (lambda: S.langevin(lambda z: -z, _X, _K, step_size=0.1, num_steps=0), "num_steps"),
         (lambda: S.langevin(lambda z: z[:, :1], _X, _K, step_size=0.1, num_steps=3), "score_fn"),
-        (lambda: S.langevin(lambda z: -z, _X, _K, step_size=0.1, num_steps=3, return_trajectory=True,
-                            trajectory_every=0), "trajectory_every"),
+        (
+            lambda: S.langevin(
+                lambda z: -z, _X, _K, step_size=0.1, num_steps=3, return_trajectory=True, trajectory_every=0
+            ),
+            "trajectory_every",
+        ),
         (lambda: S.euler_maruyama(_linear_model, VESDE(), _X, _K, num_steps=0), "num_steps"),
         (lambda: S.euler_maruyama(_bad_shape_model, VESDE(), _X, _K, num_steps=5), "model_fn"),
         (lambda: S.euler_maruyama(_linear_model, "ve", _X, _K, num_steps=5), "sde"),
         (lambda: S.euler_maruyama(_linear_model, VESDE(), _X, _K, num_steps=5, t_min=2.0), "t_min"),
         (lambda: S.predictor_corrector(_linear_model, VESDE(), _X, _K, num_steps=5, snr=0.0), "snr"),
-        (lambda: S.predictor_corrector(_linear_model, VESDE(), _X, _K, num_steps=5, corrector_steps=-1),
-         "corrector_steps"),
+        (
+            lambda: S.predictor_corrector(_linear_model, VESDE(), _X, _K, num_steps=5, corrector_steps=-1),
+            "corrector_steps",
+        ),
         (lambda: S.probability_flow_ode(_linear_model, VESDE(), _X, rtol=-1.0), "rtol"),
         (lambda: S.probability_flow_ode(_linear_model, VESDE(), _X, solver="tsit5"), "solver"),
-        (lambda: S.probability_flow_ode(_linear_model, VESDE(), _X, stepsize_controller=diffrax.ConstantStepSize()),
-         "num_steps"),
-        (lambda: S.probability_flow_ode(_linear_model, VESDE(), _X, rtol=1e-3,
-                                        stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)), "rtol"),
+        (
+            lambda: S.probability_flow_ode(_linear_model, VESDE(), _X, stepsize_controller=diffrax.ConstantStepSize()),
+            "num_steps",
+        ),
+        (
+            lambda: S.probability_flow_ode(
+                _linear_model, VESDE(), _X, rtol=1e-3, stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)
+            ),
+            "rtol",
+        ),
         (lambda: S.probability_flow_ode(_bad_shape_model, VESDE(), _X), "model_fn"),
         (lambda: S.ddpm(_linear_model, VPSDE(), _X, _K, num_steps=5, variance="large"), "variance"),
         (lambda: S.ddim(_linear_model, VPSDE(), _X, None, num_steps=5, eta=0.5), "key"),
@@ -446,20 +496,40 @@ _bad_shape_model = lambda x, sigma: x[:, :1]
         (lambda: S.denoise_observation(_linear_model, VESDE(0.01, 20.0), _X, 50.0, _K, num_steps=5), "sigma_y"),
         (lambda: S.denoise_observation(_linear_model, VESDE(0.01, 20.0), _X, 0.0, _K, num_steps=5), "sigma_y"),
         # Keys: an int (or any non-key) is named with the fix.
-        (lambda: S.langevin(lambda z: -z, _X, 0, step_size=0.1, num_steps=3), r"key must be a PRNG key: pass jax.random.key\(seed\), got 0 \(int\)"),
-        (lambda: S.annealed_langevin(_linear_model, _X, 3, _SIG, steps_per_sigma=2, step_lr=0.1), "key must be a PRNG key"),
+        (
+            lambda: S.langevin(lambda z: -z, _X, 0, step_size=0.1, num_steps=3),
+            r"key must be a PRNG key: pass jax.random.key\(seed\), got 0 \(int\)",
+        ),
+        (
+            lambda: S.annealed_langevin(_linear_model, _X, 3, _SIG, steps_per_sigma=2, step_lr=0.1),
+            "key must be a PRNG key",
+        ),
         (lambda: S.euler_maruyama(_linear_model, VESDE(), _X, 1, num_steps=5), "key must be a PRNG key"),
         (lambda: S.predictor_corrector(_linear_model, VESDE(), _X, jnp.ones(3), num_steps=5), "key must be a PRNG key"),
         (lambda: S.ddim(_linear_model, VPSDE(), _X, 5, num_steps=5, eta=0.5), "key must be a PRNG key"),
-        (lambda: S.inpaint_annealed_langevin(_linear_model, _X, jnp.ones(2), 0, _SIG, steps_per_sigma=2, step_lr=0.1),
-         "key must be a PRNG key"),
+        (
+            lambda: S.inpaint_annealed_langevin(
+                _linear_model, _X, jnp.ones(2), 0, _SIG, steps_per_sigma=2, step_lr=0.1
+            ),
+            "key must be a PRNG key",
+        ),
         # Integer states.
-        (lambda: S.langevin(lambda z: -z, _X.astype(jnp.int32), _K, step_size=0.1, num_steps=3),
-         "x0 must be floating point, got dtype int32"),
-        (lambda: S.annealed_langevin(_linear_model, _X.astype(jnp.int32), _K, _SIG, steps_per_sigma=2, step_lr=0.1),
-         "x0 must be floating point"),
-        (lambda: S.euler_maruyama(_linear_model, VESDE(), _X.astype(jnp.int32), _K, num_steps=5), "x_init must be floating point"),
-        (lambda: S.inpaint(_linear_model, VESDE(), _X.astype(jnp.int32), jnp.ones(2), _K, num_steps=5), "y must be floating point"),
+        (
+            lambda: S.langevin(lambda z: -z, _X.astype(jnp.int32), _K, step_size=0.1, num_steps=3),
+            "x0 must be floating point, got dtype int32",
+        ),
+        (
+            lambda: S.annealed_langevin(_linear_model, _X.astype(jnp.int32), _K, _SIG, steps_per_sigma=2, step_lr=0.1),
+            "x0 must be floating point",
+        ),
+        (
+            lambda: S.euler_maruyama(_linear_model, VESDE(), _X.astype(jnp.int32), _K, num_steps=5),
+            "x_init must be floating point",
+        ),
+        (
+            lambda: S.inpaint(_linear_model, VESDE(), _X.astype(jnp.int32), jnp.ones(2), _K, num_steps=5),
+            "y must be floating point",
+        ),
     ],
 )
 def test_bad_input(call, match):
@@ -476,13 +546,15 @@ def test_parameterizations_give_the_same_samples():
         "score": score,
         "eps": _eps_model(score),
         "x0": lambda x, s: (x + s[:, None] ** 2 * score(x, s)) / sde.scale_for_sigma(s)[:, None],
-        "energy": lambda x, s: -jax.vmap(
-            lambda xi, si: MIX.convolve(si, scale=sde.scale_for_sigma(si)).log_prob(xi[None])[0]
-        )(x, s),
+        "energy": lambda x, s: (
+            -jax.vmap(lambda xi, si: MIX.convolve(si, scale=sde.scale_for_sigma(si)).log_prob(xi[None])[0])(x, s)
+        ),
     }
     x_init = sde.prior_sample(jax.random.key(0), (64, 2))
     out = jax.jit(
-        lambda x, k: {p: S.euler_maruyama(m, sde, x, k, num_steps=50, parameterization=p).samples for p, m in models.items()}
+        lambda x, k: {
+            p: S.euler_maruyama(m, sde, x, k, num_steps=50, parameterization=p).samples for p, m in models.items()
+        }
     )(x_init, jax.random.key(1))
     for p in ("eps", "x0", "energy"):
         np.testing.assert_allclose(out[p], out["score"], rtol=1e-3, atol=1e-3, err_msg=p)
@@ -498,8 +570,16 @@ def test_annealed_langevin_noise_drawn_up_front_or_per_step_is_the_same(monkeypa
     score = lambda x, sigma: -x / (1.0 + sigma[:, None] ** 2)
     x0 = jax.random.normal(jax.random.key(0), (16, 3)) * 3.0
     sigmas = jnp.array([3.0, 1.0, 0.3])
-    run = lambda: S.annealed_langevin(score, x0, jax.random.key(1), sigmas, steps_per_sigma=7, step_lr=0.05,
-                                      return_trajectory=True, trajectory_every=3)
+    run = lambda: S.annealed_langevin(
+        score,
+        x0,
+        jax.random.key(1),
+        sigmas,
+        steps_per_sigma=7,
+        step_lr=0.05,
+        return_trajectory=True,
+        trajectory_every=3,
+    )
     up_front = run()
     monkeypatch.setattr(langevin_module, "PREDRAW_ELEMENTS", 0)
     per_step = run()

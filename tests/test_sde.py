@@ -1,5 +1,6 @@
 """SDEs against their closed forms, and the continuous-time DSM loss."""
 
+import dataclasses
 import functools
 
 import jax
@@ -79,7 +80,7 @@ def test_pytree_jit_vmap_immutable():
     stacked = VPSDE(jnp.array([0.1, 0.2]), jnp.array([20.0, 10.0]))
     out = jax.vmap(lambda s: s.sigma(0.3))(stacked)
     np.testing.assert_allclose(out, [VPSDE(0.1, 20.0).sigma(0.3), VPSDE(0.2, 10.0).sigma(0.3)], rtol=1e-6)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ve.sigma_max = 3.0
     assert isinstance(ve, SDE) and ve.T == 1.0 and ve.t_min == 1e-5
 
@@ -111,8 +112,11 @@ def test_time_grid():
     ts = sde.time_grid(4)
     np.testing.assert_allclose(ts, [1.0, 0.75025, 0.5005, 0.25075, 1e-3], rtol=1e-6)
     np.testing.assert_allclose(sde.time_grid(2, t_min=0.2, t_start=0.6), [0.6, 0.4, 0.2], rtol=1e-6)
-    for kwargs, match in [(dict(num_steps=0), "num_steps"), (dict(num_steps=3, t_min=1.5), "t_min"),
-                          (dict(num_steps=3, t_min=-0.1), "t_min")]:
+    for kwargs, match in [
+        (dict(num_steps=0), "num_steps"),
+        (dict(num_steps=3, t_min=1.5), "t_min"),
+        (dict(num_steps=3, t_min=-0.1), "t_min"),
+    ]:
         with pytest.raises(ValueError, match=match):
             sde.time_grid(**kwargs)
 

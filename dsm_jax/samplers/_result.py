@@ -9,7 +9,8 @@ the optional Tweedie step), so memory is ``O(num_steps / k)``. By default
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from dsm_jax._checks import check_positive_int
 
 __all__ = ["Projection", "SampleResult", "scan", "snapshot_every", "with_start"]
 
-Projection = Callable[[jax.Array, Optional[jax.Array], jax.Array], jax.Array]
+Projection = Callable[[jax.Array, jax.Array | None, jax.Array], jax.Array]
 """``project(x, level, key) -> x``, run after every update of a sampler at ``level`` (a time or a
 noise level), and once more with ``level=None`` after the final Tweedie step (inverse problems)."""
 
@@ -35,10 +36,10 @@ class SampleResult(NamedTuple):
 
     samples: jax.Array
     nfe: jax.Array
-    trajectory: Optional[jax.Array] = None
+    trajectory: jax.Array | None = None
 
 
-def snapshot_every(return_trajectory: bool, every, num_steps: int, *, default: Optional[int] = None) -> Optional[int]:
+def snapshot_every(return_trajectory: bool, every, num_steps: int, *, default: int | None = None) -> int | None:
     """The snapshot spacing: None without a trajectory, else ``every`` (default ``ceil(num_steps / 100)``)."""
     if not return_trajectory:
         return None
@@ -47,7 +48,7 @@ def snapshot_every(return_trajectory: bool, every, num_steps: int, *, default: O
     return check_positive_int("trajectory_every", every)
 
 
-def scan(step, carry, xs, every: Optional[int]):
+def scan(step, carry, xs, every: int | None):
     """``lax.scan(step, carry, xs)``; with ``every``, also returns snapshots of the carry.
 
     The snapshots are taken after every ``every`` steps and after the last one,
@@ -74,6 +75,6 @@ def scan(step, carry, xs, every: Optional[int]):
     return carry, jnp.concatenate(snaps, axis=0)
 
 
-def with_start(x0: jax.Array, traj: Optional[jax.Array]) -> Optional[jax.Array]:
+def with_start(x0: jax.Array, traj: jax.Array | None) -> jax.Array | None:
     """The trajectory with the initial state first (None stays None)."""
     return None if traj is None else jnp.concatenate([x0[None], traj], axis=0)

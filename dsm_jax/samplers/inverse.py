@@ -15,14 +15,13 @@ References:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsm_jax._checks import check_batched, check_key, check_positive_number, is_concrete, runtime_check_positive
-from dsm_jax.parameterization import ModelFn, as_score_fn, broadcast_sigma, expand_to
+from dsm_jax._utils import to_batch_expanded
+from dsm_jax.parameterization import ModelFn, as_score_fn, broadcast_sigma
 from dsm_jax.samplers._result import SampleResult, snapshot_every
 from dsm_jax.samplers.langevin import annealed_langevin_scan, check_annealed
 from dsm_jax.samplers.reverse_sde import (
@@ -40,7 +39,9 @@ __all__ = ["denoise_observation", "inpaint", "inpaint_annealed_langevin"]
 def _check_mask(y, mask):
     check_batched("y", y)
     if jnp.shape(mask) != jnp.shape(y) and jnp.shape(mask) != jnp.shape(y)[1:]:
-        raise ValueError(f"mask must have the shape of y {y.shape} or of one example {y.shape[1:]}, got {jnp.shape(mask)}.")
+        raise ValueError(
+            f"mask must have the shape of y {y.shape} or of one example {y.shape[1:]}, got {jnp.shape(mask)}."
+        )
     if is_concrete(mask):
         m = np.asarray(mask)
         if not np.all((m == 0) | (m == 1)):
@@ -63,7 +64,7 @@ def inpaint(
     parameterization: str = "score",
     t_min=None,
     return_trajectory: bool = False,
-    trajectory_every: Optional[int] = None,
+    trajectory_every: int | None = None,
 ) -> SampleResult:
     """Fills in the unknown entries of ``y`` by reverse-SDE sampling with replacement.
 
@@ -108,8 +109,17 @@ def inpaint(
 
     x_init = project(sde.prior_sample(k_init, y.shape).astype(y.dtype), ts[0], k_proj)
     return reverse_sde_scan(
-        score_fn, sde, x_init, k_run, ts, predictor=predictor, corrector_steps=corrector_steps, snr=snr,
-        final_denoise=final_denoise, every=every, project=project,
+        score_fn,
+        sde,
+        x_init,
+        k_run,
+        ts,
+        predictor=predictor,
+        corrector_steps=corrector_steps,
+        snr=snr,
+        final_denoise=final_denoise,
+        every=every,
+        project=project,
     )
 
 
@@ -124,7 +134,7 @@ def inpaint_annealed_langevin(
     step_lr,
     final_denoise: bool = True,
     parameterization: str = "score",
-    x0: Optional[jax.Array] = None,
+    x0: jax.Array | None = None,
     return_result: bool = False,
 ):
     """Inpainting with annealed Langevin dynamics (Song & Ermon 2019, Section 5).
@@ -187,7 +197,7 @@ def denoise_observation(
     parameterization: str = "score",
     t_min=None,
     return_trajectory: bool = False,
-    trajectory_every: Optional[int] = None,
+    trajectory_every: int | None = None,
 ) -> SampleResult:
     """Draws from the posterior ``p(x | y)`` of ``y = x + sigma_y eps`` (known ``sigma_y``).
 
@@ -230,9 +240,17 @@ def denoise_observation(
     # A [num_steps + 1] grid, or [num_steps + 1, B] for per-example sigma_y.
     frac = jnp.linspace(0.0, 1.0, num_steps + 1).reshape((-1,) + (1,) * t_star.ndim)
     ts = t_star + frac * (t_end - t_star)
-    x_init = expand_to(broadcast_sigma(sde.scale(t_star), y), y) * y
+    x_init = to_batch_expanded(sde.scale(t_star), y) * y
     every = snapshot_every(return_trajectory, trajectory_every, num_steps)
     return reverse_sde_scan(
-        score_fn, sde, x_init, key, ts, predictor=predictor, corrector_steps=0, snr=None,
-        final_denoise=final_denoise, every=every,
+        score_fn,
+        sde,
+        x_init,
+        key,
+        ts,
+        predictor=predictor,
+        corrector_steps=0,
+        snr=None,
+        final_denoise=final_denoise,
+        every=every,
     )

@@ -19,7 +19,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ def langevin(
     step_size,
     num_steps: int,
     return_trajectory: bool = False,
-    trajectory_every: Optional[int] = None,
+    trajectory_every: int | None = None,
     return_result: bool = False,
 ):
     """Unadjusted Langevin dynamics with a fixed score.
@@ -117,8 +117,8 @@ def annealed_langevin_scan(
     step_lr,
     *,
     final_denoise: bool,
-    every: Optional[int],
-    project: Optional[Projection] = None,
+    every: int | None,
+    project: Projection | None = None,
 ):
     """Algorithm 1 of Song & Ermon 2019 on a score ``score_fn(x, sigma)``, unchecked; returns ``(x, trajectory)``.
 
@@ -179,7 +179,7 @@ def annealed_langevin(
     final_denoise: bool = True,
     return_trajectory: bool = False,
     parameterization: str = "score",
-    trajectory_every: Optional[int] = None,
+    trajectory_every: int | None = None,
     return_result: bool = False,
 ):
     """Annealed Langevin dynamics (NCSN sampling, Song & Ermon 2019, Algorithm 1).

@@ -7,8 +7,6 @@ References:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -29,7 +27,7 @@ def probability_flow_ode(
     *,
     rtol=None,
     atol=None,
-    num_steps: Optional[int] = None,
+    num_steps: int | None = None,
     solver=None,
     stepsize_controller=None,
     max_steps: int = ode.DEFAULT_MAX_STEPS,
@@ -90,8 +88,14 @@ def probability_flow_ode(
     ts = sde.time_grid(1, t_min=t_min)
     t0, t1 = ts[0], ts[-1]
     options = ode.ode_options(
-        t0, t1, rtol=rtol, atol=atol, num_steps=num_steps, solver=solver,
-        stepsize_controller=stepsize_controller, max_steps=max_steps,
+        t0,
+        t1,
+        rtol=rtol,
+        atol=atol,
+        num_steps=num_steps,
+        solver=solver,
+        stepsize_controller=stepsize_controller,
+        max_steps=max_steps,
     )
     if return_trajectory:
         saveat = diffrax.SaveAt(ts=jnp.linspace(t0, t1, check_positive_int("num_snapshots", num_snapshots, minimum=2)))

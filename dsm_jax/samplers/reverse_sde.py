@@ -31,14 +31,15 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsm_jax._checks import check_choice, check_key, check_positive_int, check_positive_number, is_concrete
-from dsm_jax.parameterization import ModelFn, broadcast_sigma, expand_to
+from dsm_jax._utils import to_batch, to_batch_expanded
+from dsm_jax.parameterization import ModelFn
 from dsm_jax.samplers._result import Projection, SampleResult, scan, snapshot_every, with_start
 from dsm_jax.sde import SDE, TimeScoreFn, check_score_input, time_score_fn
 from dsm_jax.tweedie import posterior_mean
@@ -64,15 +65,10 @@ Predictor = Callable[..., jax.Array]
 DDPM_VARIANCES = ("beta", "posterior")
 
 
-def _per_example(value, x: jax.Array) -> jax.Array:
-    """A coefficient of ``t`` (scalar or ``[B]``) as ``[B, 1, ...]``."""
-    return expand_to(broadcast_sigma(value, x), x)
-
-
 def tweedie_at(score_fn: TimeScoreFn, sde: SDE, x: jax.Array, t) -> jax.Array:
     """Tweedie's ``E[x_0 | x_t] = (x + sigma(t)^2 s(x, t)) / scale(t)``: one score evaluation."""
     scale, sigma = sde.marginal(t)
-    return posterior_mean(lambda y: score_fn(y, t), x, broadcast_sigma(sigma, x), scale=broadcast_sigma(scale, x))
+    return posterior_mean(lambda y: score_fn(y, t), x, to_batch(sigma, x), scale=to_batch(scale, x))
 
 
 def sde_sampler_input(
@@ -99,8 +95,8 @@ def euler_maruyama_predictor(score_fn: TimeScoreFn, sde: SDE, x: jax.Array, t, t
     ``x <- x - [f(x, t) - g(t)^2 s(x, t)] dt + g(t) sqrt(dt) z`` with
     ``dt = t - t_next > 0``.
     """
-    dt = _per_example(t - t_next, x)
-    g = _per_example(sde.diffusion(t), x)
+    dt = to_batch_expanded(t - t_next, x)
+    g = to_batch_expanded(sde.diffusion(t), x)
     z = jax.random.normal(key, x.shape, x.dtype)
     return x - sde.reverse_drift(x, t, score_fn(x, t)) * dt + g * jnp.sqrt(dt) * z
 
@@ -111,8 +107,8 @@ def _transition(sde: SDE, x: jax.Array, t, t_next):
     ``a = scale(t) / scale(s)`` and ``v = sigma(t)^2 - a^2 sigma(s)^2`` (the
     variances of a linear SDE add up). Also returns ``(scale, sigma)`` at both times.
     """
-    scale_t, sigma_t = (_per_example(v, x) for v in sde.marginal(t))
-    scale_s, sigma_s = (_per_example(v, x) for v in sde.marginal(t_next))
+    scale_t, sigma_t = (to_batch_expanded(v, x) for v in sde.marginal(t))
+    scale_s, sigma_s = (to_batch_expanded(v, x) for v in sde.marginal(t_next))
     a = scale_t / scale_s
     v = jnp.maximum(sigma_t**2 - a**2 * sigma_s**2, 0.0)
     return a, v, (scale_t, sigma_t), (scale_s, sigma_s)
@@ -136,7 +132,9 @@ def reverse_diffusion_predictor(score_fn: TimeScoreFn, sde: SDE, x: jax.Array, t
     return (x + v * score_fn(x, t)) / a + jnp.sqrt(v) * z
 
 
-def ddim_predictor(score_fn: TimeScoreFn, sde: SDE, x: jax.Array, t, t_next, key: Optional[jax.Array] = None, *, eta=0.0) -> jax.Array:
+def ddim_predictor(
+    score_fn: TimeScoreFn, sde: SDE, x: jax.Array, t, t_next, key: jax.Array | None = None, *, eta=0.0
+) -> jax.Array:
     """The DDIM update (deterministic for ``eta = 0``) on ``(scale, sigma)``.
 
     ``x0_hat = (x_t + sigma_t^2 s) / scale_t``, ``eps_hat = -sigma_t s``,
@@ -203,8 +201,8 @@ def reverse_sde_scan(
     corrector_steps: int,
     snr,
     final_denoise: bool,
-    every: Optional[int],
-    project: Optional[Projection] = None,
+    every: int | None,
+    project: Projection | None = None,
 ) -> SampleResult:
     """Scans ``predictor`` (then ``corrector_steps`` Langevin corrections) over the grid ``ts``, unchecked.
 
@@ -254,7 +252,7 @@ def euler_maruyama(
     parameterization: str = "score",
     t_min=None,
     return_trajectory: bool = False,
-    trajectory_every: Optional[int] = None,
+    trajectory_every: int | None = None,
 ) -> SampleResult:
     """Samples by Euler-Maruyama on the reverse-time SDE (Song et al. 2021, Eq. 6).
 
@@ -288,8 +286,16 @@ def euler_maruyama(
     ts = sde.time_grid(num_steps, t_min=t_min)
     every = snapshot_every(return_trajectory, trajectory_every, num_steps)
     return reverse_sde_scan(
-        score_fn, sde, x_init, key, ts, predictor=euler_maruyama_predictor, corrector_steps=0, snr=None,
-        final_denoise=final_denoise, every=every,
+        score_fn,
+        sde,
+        x_init,
+        key,
+        ts,
+        predictor=euler_maruyama_predictor,
+        corrector_steps=0,
+        snr=None,
+        final_denoise=final_denoise,
+        every=every,
     )
 
 
@@ -315,7 +321,7 @@ def predictor_corrector(
     parameterization: str = "score",
     t_min=None,
     return_trajectory: bool = False,
-    trajectory_every: Optional[int] = None,
+    trajectory_every: int | None = None,
 ) -> SampleResult:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 1).
 
@@ -354,8 +360,16 @@ def predictor_corrector(
     ts = sde.time_grid(num_steps, t_min=t_min)
     every = snapshot_every(return_trajectory, trajectory_every, num_steps)
     return reverse_sde_scan(
-        score_fn, sde, x_init, key, ts, predictor=predictor, corrector_steps=corrector_steps, snr=snr,
-        final_denoise=final_denoise, every=every,
+        score_fn,
+        sde,
+        x_init,
+        key,
+        ts,
+        predictor=predictor,
+        corrector_steps=corrector_steps,
+        snr=snr,
+        final_denoise=final_denoise,
+        every=every,
     )
 
 
@@ -371,7 +385,7 @@ def ddpm(
     parameterization: str = "eps",
     t_min=None,
     return_trajectory: bool = False,
-    trajectory_every: Optional[int] = None,
+    trajectory_every: int | None = None,
 ) -> SampleResult:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) on the SDE's time grid.
 
@@ -398,8 +412,16 @@ def ddpm(
     ts = sde.time_grid(num_steps, t_min=t_min)
     every = snapshot_every(return_trajectory, trajectory_every, num_steps)
     return reverse_sde_scan(
-        score_fn, sde, x_init, key, ts, predictor=predictor, corrector_steps=0, snr=None,
-        final_denoise=final_denoise, every=every,
+        score_fn,
+        sde,
+        x_init,
+        key,
+        ts,
+        predictor=predictor,
+        corrector_steps=0,
+        snr=None,
+        final_denoise=final_denoise,
+        every=every,
     )
 
 
@@ -407,7 +429,7 @@ def ddim(
     model_fn: ModelFn,
     sde: SDE,
     x_init: jax.Array,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     *,
     num_steps: int,
     eta=0.0,
@@ -415,7 +437,7 @@ def ddim(
     parameterization: str = "eps",
     t_min=None,
     return_trajectory: bool = False,
-    trajectory_every: Optional[int] = None,
+    trajectory_every: int | None = None,
 ) -> SampleResult:
     """DDIM sampling (Song, Meng & Ermon 2021): deterministic for ``eta = 0``.
 
@@ -438,6 +460,14 @@ def ddim(
     every = snapshot_every(return_trajectory, trajectory_every, num_steps)
     key = jax.random.key(0) if key is None else key
     return reverse_sde_scan(
-        score_fn, sde, x_init, key, ts, predictor=functools.partial(ddim_predictor, eta=eta), corrector_steps=0,
-        snr=None, final_denoise=final_denoise, every=every,
+        score_fn,
+        sde,
+        x_init,
+        key,
+        ts,
+        predictor=functools.partial(ddim_predictor, eta=eta),
+        corrector_steps=0,
+        snr=None,
+        final_denoise=final_denoise,
+        every=every,
     )
