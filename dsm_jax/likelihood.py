@@ -41,13 +41,12 @@ import jax.numpy as jnp
 
 from dsm_jax import ode
 from dsm_jax._checks import check_batched, check_choice, check_positive_int
-from dsm_jax.divergence import PROBES, exact_divergence_and_value, hutchinson_divergence_and_value
+from dsm_jax.divergence import PROBES, TRACES, exact_divergence_and_value, hutchinson_divergence_and_value
 from dsm_jax.parameterization import ModelFn
 from dsm_jax.sde import SDE, check_score_input, time_score_fn
 
 __all__ = ["log_likelihood", "bits_per_dim", "uniform_dequantization_offset", "uniform_dequantize"]
 
-TRACES = ("exact", "hutchinson")
 
 
 def log_likelihood(

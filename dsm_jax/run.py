@@ -315,13 +315,11 @@ def _annealed_langevin(run: Run, model_fn, key, shape):
     cfg = run.config
     k_init, k_run = jax.random.split(key)
     x0 = float(run.sigmas[0]) * jax.random.normal(k_init, shape)
-    samples = jax.jit(lambda x0, k: samplers.annealed_langevin(
+    result = jax.jit(lambda x0, k: samplers.annealed_langevin(
         model_fn, x0, k, jnp.asarray(run.sigmas), steps_per_sigma=cfg.steps_per_sigma, step_lr=run.step_lr,
-        final_denoise=cfg.final_denoise, parameterization=cfg.parameterization,
+        final_denoise=cfg.final_denoise, parameterization=cfg.parameterization, return_result=True,
     ))(x0, k_run)
-    # annealed_langevin returns bare samples, not a SampleResult: its count (one evaluation per step and
-    # one for the final Tweedie step) is recomputed here.
-    return samples, len(run.sigmas) * cfg.steps_per_sigma + int(cfg.final_denoise)
+    return result.samples, int(result.nfe)
 
 
 def _from_the_ve_prior(solve: Callable) -> Callable:

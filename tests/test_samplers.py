@@ -599,3 +599,14 @@ def test_runtime_checks_catch_traced_levels_and_steps():
         assert run(_SIG[:2], 0.1)[0].get() is None
         assert "step_size must be finite and > 0" in step(0.0, _X)[0].get()
         assert "x0 must be finite, got 1 non-finite entries" in step(0.1, _X.at[1, 1].set(jnp.inf))[0].get()
+
+
+def test_corrector_with_a_vanishing_score_leaves_x_unchanged():
+    """A zero score (an untrained zero-output network) gives a zero corrector step, not inf * 0 = NaN."""
+    sde = VESDE(sigma_min=0.01, sigma_max=5.0)
+    zero = lambda x, sigma: jnp.zeros_like(x)  # noqa: E731
+    x = jax.random.normal(jax.random.key(3), (8, 2)) * 5.0
+    out = S.langevin_corrector(lambda y, t: zero(y, t), sde, x, 0.5, jax.random.key(4), snr=0.16)
+    np.testing.assert_array_equal(out, x)
+    result = S.predictor_corrector(zero, sde, x, jax.random.key(5), num_steps=5, snr=0.16, final_denoise=False)
+    assert np.isfinite(np.asarray(result.samples)).all()

@@ -176,12 +176,16 @@ def langevin_corrector(score_fn: TimeScoreFn, sde: SDE, x: jax.Array, t, key: ja
     small, safe moves; a larger one faster but biased moves. Song et al. used
     0.16 (VE on CIFAR-10), 0.075 (high resolution) and 0.01 (VP). The norms
     are batch averages (as in their code), which keeps the step finite when
-    one example's score vanishes but couples the examples of a batch.
+    one example's score vanishes but couples the examples of a batch. A
+    score that vanishes for the whole batch (e.g. an untrained network with a
+    zero output layer) carries no information: the step is then 0 and ``x``
+    is returned unchanged, instead of an infinite step giving NaN.
     """
     s = score_fn(x, t)
     z = jax.random.normal(key, x.shape, x.dtype)
     norm = lambda v: jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))
-    eps = 2.0 * (snr * norm(z) / norm(s)) ** 2
+    s_norm = norm(s)
+    eps = jnp.where(s_norm > 0, 2.0 * (snr * norm(z) / jnp.where(s_norm > 0, s_norm, 1.0)) ** 2, 0.0)
     return x + eps * s + jnp.sqrt(2.0 * eps) * z
 
 
