@@ -93,9 +93,9 @@ if TYPE_CHECKING:  # the lazy names below, for type checkers and editors
 
 __version__ = "0.1.0"
 
-# Modules that pull in flax (``sde``: ``flax.struct``; ``models``, ``train``), diffrax (``samplers``,
-# ``likelihood``), optax, orbax, scikit-learn or matplotlib load on first use, and so do the names
-# taken from them: ``import dsm_jax`` stays at the cost of jax itself.
+# Modules that pull in flax (``models``, ``train``), diffrax (``ode``, on the first solve), optax, orbax,
+# scikit-learn or matplotlib load on first use, and so do the names taken from them: ``import dsm_jax``
+# stays at the cost of jax itself.
 _LAZY_MODULES = (
     "sde", "ode", "samplers", "likelihood", "models", "train", "checkpoint", "runlog", "workdir", "data", "metrics",
     "plotting", "run", "cli",
