@@ -97,8 +97,20 @@ __version__ = "0.1.0"
 # scikit-learn or matplotlib load on first use, and so do the names taken from them: ``import dsm_jax``
 # stays at the cost of jax itself.
 _LAZY_MODULES = (
-    "sde", "ode", "samplers", "likelihood", "models", "train", "checkpoint", "runlog", "workdir", "data", "metrics",
-    "plotting", "run", "cli",
+    "sde",
+    "ode",
+    "samplers",
+    "likelihood",
+    "models",
+    "train",
+    "checkpoint",
+    "runlog",
+    "workdir",
+    "data",
+    "metrics",
+    "plotting",
+    "run",
+    "cli",
 )
 _LAZY_NAMES = {
     "SDE": "sde",

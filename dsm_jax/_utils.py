@@ -8,13 +8,23 @@ private names other modules may import); the public names that wrap them
 from __future__ import annotations
 
 import math
+import os
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform as dataclass_transform
+else:  # a dependency of chex, hence installed
+    from typing_extensions import dataclass_transform as dataclass_transform
+
 LOG_2PI = math.log(2.0 * math.pi)
 """``log(2 pi)``, the constant of every Gaussian log-density."""
+
+PathLike = str | os.PathLike
+"""A file-system path as the public functions take it: a string or any ``os.PathLike``."""
 
 
 def to_batch(value: Any, x: jax.Array) -> jax.Array:

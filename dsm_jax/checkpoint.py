@@ -44,7 +44,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -88,8 +88,9 @@ def _file_digests(step_dir: str) -> dict:
 
 def _write_manifest(step_dir: str) -> None:
     manifest = {"algorithm": "sha256", "files": _file_digests(step_dir)}
-    write_atomic(os.path.join(step_dir, _MANIFEST),
-                 lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
+    write_atomic(
+        os.path.join(step_dir, _MANIFEST), lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    )
 
 
 def _verify_manifest(step_dir: str, step: int) -> bool:
@@ -112,8 +113,11 @@ def _verify_manifest(step_dir: str, step: int) -> bool:
         changed = sorted(k for k in expected.keys() & actual.keys() if expected[k] != actual[k])
         missing = sorted(expected.keys() - actual.keys())
         extra = sorted(actual.keys() - expected.keys())
-        parts = [f"{what}: {', '.join(names)}" for what, names in
-                 (("changed", changed), ("missing", missing), ("unexpected", extra)) if names]
+        parts = [
+            f"{what}: {', '.join(names)}"
+            for what, names in (("changed", changed), ("missing", missing), ("unexpected", extra))
+            if names
+        ]
         raise CorruptCheckpointError(f"checksum mismatch in step {step} ({'; '.join(parts)}).")
     return True
 
@@ -183,7 +187,7 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -195,7 +199,7 @@ class Checkpointer:
     def all_steps(self) -> list:
         return sorted(self._manager.all_steps())
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, *, data_state: Any = None, config: Any = None) -> None:
@@ -211,9 +215,7 @@ class Checkpointer:
         meta = {"step": step, "data_state": data_state, "config": config, _CHECKSUMS_FLAG: True}
         self._manager.save(
             step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(_to_host(state)), _META: ocp.args.JsonSave(meta)}
-            ),
+            args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_to_host(state)), _META: ocp.args.JsonSave(meta)}),
             force=True,
         )
         self._manager.wait_until_finished()
@@ -282,7 +284,7 @@ class Checkpointer:
         return dst
 
 
-def load_params(directory: str | os.PathLike, *, ema: bool = True, step: Optional[int] = None) -> Any:
+def load_params(directory: str | os.PathLike, *, ema: bool = True, step: int | None = None) -> Any:
     """The (EMA) parameters of a training checkpoint, for sampling and evaluation.
 
     Args:

@@ -30,8 +30,8 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import jax
 
@@ -81,54 +81,89 @@ _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 def build_parser() -> argparse.ArgumentParser:
     samplers = list(run_lib.SAMPLERS)
-    parser = _Parser(prog="dsm-jax", description="Score-based generative modelling with denoising score matching (JAX).")
+    parser = _Parser(
+        prog="dsm-jax", description="Score-based generative modelling with denoising score matching (JAX)."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-host: call jax.distributed.initialize() first (arguments detected on TPU pods, "
-                        "Slurm and Open MPI, or given below)")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize() first (arguments detected on TPU pods, "
+        "Slurm and Open MPI, or given below)",
+    )
     parser.add_argument("--coordinator-address", dest="coordinator_address", help="host:port of process 0")
     parser.add_argument("--num-processes", dest="num_processes", type=int)
     parser.add_argument("--process-id", dest="process_id", type=int)
     sub = parser.add_subparsers(dest="command", metavar="{train,sample,evaluate,denoise}")
     sub.required = True
 
-    t = sub.add_parser("train", help="train (or resume) a score model, then sample and evaluate",
-                       description="Train a noise-conditional score model with multi-scale DSM, then sample, "
-                       "evaluate and plot. Re-running on the same --workdir resumes. Every config field can be "
-                       "set with --set key=value or a --config file; --list-keys lists them. Unless set, the "
-                       "model is chosen by the data's shape: images [N, H, W, C] get the U-Net, vectors the MLP.")
-    t.add_argument("--preset", default="default", help=f"named config: {', '.join(config_lib.PRESETS)} (default: default)")
+    t = sub.add_parser(
+        "train",
+        help="train (or resume) a score model, then sample and evaluate",
+        description="Train a noise-conditional score model with multi-scale DSM, then sample, "
+        "evaluate and plot. Re-running on the same --workdir resumes. Every config field can be "
+        "set with --set key=value or a --config file; --list-keys lists them. Unless set, the "
+        "model is chosen by the data's shape: images [N, H, W, C] get the U-Net, vectors the MLP.",
+    )
+    t.add_argument(
+        "--preset", default="default", help=f"named config: {', '.join(config_lib.PRESETS)} (default: default)"
+    )
     t.add_argument("--dataset", help="a built-in dataset or a path to a .npy/.npz array [N, ...]")
-    t.add_argument("--workdir", help="run directory (default: runs/<preset> for the preset's dataset, "
-                   "runs/<preset>-<dataset> for another)")
+    t.add_argument(
+        "--workdir",
+        help="run directory (default: runs/<preset> for the preset's dataset, runs/<preset>-<dataset> for another)",
+    )
     t.add_argument("--num-steps", type=_non_negative_int, dest="num_steps", help="training steps")
     t.add_argument("--seed", type=_non_negative_int, help="run seed")
     t.add_argument("--sampler", choices=samplers, help="sampler for the final samples")
-    t.add_argument("--config", metavar="FILE",
-                   help="JSON config fields, applied after --preset and before --set: a run's config.json "
-                   "(reproduces it) or {\"key\": value, ...}")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="override a config field (repeatable), e.g. --set learning_rate=3e-4; --list-keys lists them")
-    t.add_argument("--overwrite", action="store_true",
-                   help="if the run in --workdir has another training config, delete its files (only those "
-                   "a run writes; refused if the directory holds others); with the same config, resume")
+    t.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON config fields, applied after --preset and before --set: a run's config.json "
+        '(reproduces it) or {"key": value, ...}',
+    )
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="override a config field (repeatable), e.g. --set learning_rate=3e-4; --list-keys lists them",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if the run in --workdir has another training config, delete its files (only those "
+        "a run writes; refused if the directory holds others); with the same config, resume",
+    )
     t.add_argument("--no-sample", action="store_true", dest="no_sample", help="train only")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--list", action="store_true", help="list presets and datasets, then exit")
-    t.add_argument("--list-keys", action="store_true", dest="list_keys",
-                   help="list every config key with its type, default and meaning, then exit")
+    t.add_argument(
+        "--list-keys",
+        action="store_true",
+        dest="list_keys",
+        help="list every config key with its type, default and meaning, then exit",
+    )
 
-    for name, help_ in (("sample", "draw samples from a trained run into samples_<sampler>_n<num>_seed<seed>.*"),
-                        ("evaluate", "sample and evaluate a trained run: with its own sampler, --num and --seed "
-                         "recompute metrics.json, with others write eval_<sampler>_n<num>_seed<seed>.*")):
+    for name, help_ in (
+        ("sample", "draw samples from a trained run into samples_<sampler>_n<num>_seed<seed>.*"),
+        (
+            "evaluate",
+            "sample and evaluate a trained run: with its own sampler, --num and --seed "
+            "recompute metrics.json, with others write eval_<sampler>_n<num>_seed<seed>.*",
+        ),
+    ):
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--workdir", required=True)
         p.add_argument("--num", type=_positive_int, help="number of samples (default: the run's num_samples)")
         p.add_argument("--sampler", choices=samplers, help=run_lib.describe_samplers())
         p.add_argument("--seed", type=_non_negative_int, help="sampling seed (default: the run's seed)")
 
-    d = sub.add_parser("denoise", help="Tweedie-denoise noisy arrays with a trained run",
-                       description="E[x | y] = y + sigma^2 s(y, sigma) for y = x + sigma * noise.")
+    d = sub.add_parser(
+        "denoise",
+        help="Tweedie-denoise noisy arrays with a trained run",
+        description="E[x | y] = y + sigma^2 s(y, sigma) for y = x + sigma * noise.",
+    )
     d.add_argument("--workdir", required=True)
     d.add_argument("--input", required=True, help=".npy/.npz float array [N, *D] (or one image [H, W, C])")
     d.add_argument("--sigma", type=float, required=True, help="noise standard deviation of the input")
@@ -140,8 +175,13 @@ def _config_sources(args) -> tuple:
     """``(fields of --config, {field: text} of --set and the --dataset/--num-steps/--seed/--sampler flags)``."""
     file_fields = config_lib.read_config_file(args.config) if args.config else {}
     overrides = config_lib.parse_assignments(args.set)
-    overrides.update({flag: str(getattr(args, flag)) for flag in ("dataset", "num_steps", "seed", "sampler")
-                      if getattr(args, flag) is not None})
+    overrides.update(
+        {
+            flag: str(getattr(args, flag))
+            for flag in ("dataset", "num_steps", "seed", "sampler")
+            if getattr(args, flag) is not None
+        }
+    )
     return file_fields, overrides
 
 
@@ -190,16 +230,26 @@ def cmd_train(args) -> int:
     cfg = resolve_config(args)
     file_fields, overrides = _config_sources(args)
     run_lib.train_and_sample(
-        cfg, Path(args.workdir) if args.workdir else run_lib.default_workdir(args.preset, cfg),
-        user_set=frozenset(file_fields) | frozenset(overrides), overwrite=args.overwrite, sample=not args.no_sample,
-        quiet=args.quiet, on_phase=_phase_setter(args),
+        cfg,
+        Path(args.workdir) if args.workdir else run_lib.default_workdir(args.preset, cfg),
+        user_set=frozenset(file_fields) | frozenset(overrides),
+        overwrite=args.overwrite,
+        sample=not args.no_sample,
+        quiet=args.quiet,
+        on_phase=_phase_setter(args),
     )
     return 0
 
 
 def cmd_sample(args) -> int:
-    run_lib.sample_workdir(args.workdir, evaluate=args.command == "evaluate", sampler=args.sampler, num=args.num,
-                           seed=args.seed, on_phase=_phase_setter(args))
+    run_lib.sample_workdir(
+        args.workdir,
+        evaluate=args.command == "evaluate",
+        sampler=args.sampler,
+        num=args.num,
+        seed=args.seed,
+        on_phase=_phase_setter(args),
+    )
     return 0
 
 
@@ -216,7 +266,7 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_sample, "d
 # ---------------------------------------------------------------------------
 
 
-def _failure(err: Exception, phase: str) -> Optional[tuple]:
+def _failure(err: Exception, phase: str) -> tuple | None:
     """``(kind, line, exit status)`` of an error the user is told in one line; None for a bug (its traceback)."""
     if isinstance(err, ValueError):
         storage = storage_error_line(err)
@@ -242,7 +292,7 @@ def _interrupt_line(phase: str, err: KeyboardInterrupt) -> tuple:
     return f"interrupted ({signal_name(signum)}) {run_lib.INTERRUPTED_WHILE[phase]}.", 128 + signum
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status.
 
     0 success; 1 a non-finite loss (or an internal error, raised with its
@@ -258,8 +308,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with raise_on_sigterm(), run_lib.quiet_library_errors(enabled=not debug):
             if args.distributed:
-                jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                           num_processes=args.num_processes, process_id=args.process_id)
+                jax.distributed.initialize(
+                    coordinator_address=args.coordinator_address,
+                    num_processes=args.num_processes,
+                    process_id=args.process_id,
+                )
             return COMMANDS[args.command](args)
     except KeyboardInterrupt as err:
         line, status = _interrupt_line(args.phase, err)

@@ -12,7 +12,8 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 from dsm_jax.losses import SIGMA_SAMPLING
 from dsm_jax.noise import WEIGHTINGS
@@ -57,10 +58,10 @@ class Config:
     dataset: str = _field(
         "eight_gaussians", "a built-in dataset (dsm-jax train --list) or a path to a .npy/.npz float array [N, ...]"
     )
-    num_train: Optional[int] = _field(
+    num_train: int | None = _field(
         None, "training examples (None: 10000 toy draws, all the rest of an array or of the digits)"
     )
-    num_test: Optional[int] = _field(
+    num_test: int | None = _field(
         None, "held-out examples for the metrics (None: 2000 toy draws, 297 digits, 10% of an array)"
     )
     # model
@@ -70,7 +71,7 @@ class Config:
     width: int = _field(128, "MLP hidden width")
     depth: int = _field(3, "MLP hidden layers")
     channels: int = _field(32, "U-Net base channel count")
-    channel_mults: Tuple[int, ...] = _field(
+    channel_mults: tuple[int, ...] = _field(
         (1, 2), "U-Net channel multiplier per resolution (e.g. 1,2: one downsampling)"
     )
     embedding: str = _field("fourier", "sigma embedding: fourier (random Fourier features of log sigma) or sinusoidal")
@@ -80,7 +81,7 @@ class Config:
     parameterization: str = _field("score", "what the network outputs: score, eps, x0 or energy")
     scale_by_sigma: bool = _field(False, "divide the network output by sigma (NCSNv2 technique 3)")
     # noise levels and loss
-    sigma_max: Optional[float] = _field(
+    sigma_max: float | None = _field(
         None, "largest noise level (None: the largest pairwise distance of the training set, NCSNv2)"
     )
     sigma_min: float = _field(0.01, "smallest noise level")
@@ -94,7 +95,7 @@ class Config:
     num_steps: int = _field(4000, "training steps (a larger value extends a finished run)")
     learning_rate: float = _field(1e-3, "Adam learning rate after the warmup")
     warmup_steps: int = _field(100, "linear learning-rate warmup steps")
-    grad_clip_norm: Optional[float] = _field(1.0, "clip the global gradient norm to this (None: no clipping)")
+    grad_clip_norm: float | None = _field(1.0, "clip the global gradient norm to this (None: no clipping)")
     ema_decay: float = _field(0.999, "decay of the exponential moving average of the parameters used for sampling")
     seed: int = _field(0, "seed of the data draws, initialisation, batches, training noise and sampling")
     steps_per_call: int = _field(50, "training steps per compiled call (lax.scan); 1 for convolutions on a CPU")
@@ -105,7 +106,7 @@ class Config:
     sampler: str = _field("ald", f"sampler after training: {describe_samplers()}")
     num_samples: int = _field(2000, "samples drawn after training and by sample/evaluate")
     steps_per_sigma: int = _field(100, "annealed Langevin steps per noise level")
-    step_lr: Optional[float] = _field(2e-5, "annealed Langevin step scale (None: NCSNv2 technique 4)")
+    step_lr: float | None = _field(2e-5, "annealed Langevin step scale (None: NCSNv2 technique 4)")
     sde_steps: int = _field(500, "time steps of the em and pc samplers")
     snr: float = _field(0.16, "signal-to-noise ratio of the pc sampler's Langevin corrector")
     final_denoise: bool = _field(True, "end sampling with one Tweedie denoising step at the smallest sigma")
@@ -114,8 +115,20 @@ class Config:
     )
 
     def __post_init__(self):
-        for name in ("num_sigmas", "batch_size", "steps_per_call", "save_every", "keep", "log_every",
-                     "num_samples", "steps_per_sigma", "sde_steps", "fisher_samples", "width", "channels"):
+        for name in (
+            "num_sigmas",
+            "batch_size",
+            "steps_per_call",
+            "save_every",
+            "keep",
+            "log_every",
+            "num_samples",
+            "steps_per_sigma",
+            "sde_steps",
+            "fisher_samples",
+            "width",
+            "channels",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -131,9 +144,14 @@ class Config:
             raise ValueError(f"sigma_max must exceed sigma_min={self.sigma_min}, got {self.sigma_max!r}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}.")
-        for name, choices in (("model", MODELS), ("sampler", SAMPLERS), ("sigma_sampling", SIGMA_SAMPLING),
-                              ("parameterization", PARAMETERIZATIONS), ("weighting", WEIGHTINGS),
-                              ("embedding", EMBEDDINGS)):
+        for name, choices in (
+            ("model", MODELS),
+            ("sampler", SAMPLERS),
+            ("sigma_sampling", SIGMA_SAMPLING),
+            ("parameterization", PARAMETERIZATIONS),
+            ("weighting", WEIGHTINGS),
+            ("embedding", EMBEDDINGS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}.")
         if not self.channel_mults or any(not isinstance(m, int) or m < 1 for m in self.channel_mults):
@@ -143,7 +161,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown config keys {unknown}.")
@@ -184,8 +202,20 @@ PRESETS = {
 
 # Fields that do not change what training computes: a resumed run may differ in these.
 NON_TRAINING_FIELDS = frozenset(
-    {"num_steps", "log_every", "save_every", "keep", "sampler", "num_samples", "steps_per_sigma", "step_lr",
-     "sde_steps", "snr", "final_denoise", "fisher_samples"}
+    {
+        "num_steps",
+        "log_every",
+        "save_every",
+        "keep",
+        "sampler",
+        "num_samples",
+        "steps_per_sigma",
+        "step_lr",
+        "sde_steps",
+        "snr",
+        "final_denoise",
+        "fisher_samples",
+    }
 )
 
 
@@ -238,8 +268,9 @@ def _type_name(hint: Any) -> str:
 def describe_fields() -> list:
     """``[(name, type, default, meaning)]`` of every :class:`Config` field, in declaration order."""
     hints = typing.get_type_hints(Config)
-    return [(f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", ""))
-            for f in dataclasses.fields(Config)]
+    return [
+        (f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", "")) for f in dataclasses.fields(Config)
+    ]
 
 
 def read_config_file(path) -> dict:
@@ -285,8 +316,7 @@ def parse_assignments(items: Sequence[str]) -> dict:
     return out
 
 
-def resolve(preset: str, *, file_fields: Optional[dict] = None, overrides: Optional[dict] = None,
-            source=None) -> Config:
+def resolve(preset: str, *, file_fields: dict | None = None, overrides: dict | None = None, source=None) -> Config:
     """The config of ``preset``, then ``file_fields`` (those of the file ``source``), then ``overrides``.
 
     Args:
@@ -330,5 +360,17 @@ def dumps(config: Config, resolved: dict) -> str:
     return json.dumps({"config": config.to_dict(), "resolved": resolved}, indent=2, sort_keys=True) + "\n"
 
 
-__all__ = ["Config", "EMBEDDINGS", "PRESETS", "MODELS", "SAMPLERS", "apply_overrides", "describe_fields",
-           "get_preset", "parse_assignments", "read_config_file", "resolve", "training_differences"]
+__all__ = [
+    "Config",
+    "EMBEDDINGS",
+    "PRESETS",
+    "MODELS",
+    "SAMPLERS",
+    "apply_overrides",
+    "describe_fields",
+    "get_preset",
+    "parse_assignments",
+    "read_config_file",
+    "resolve",
+    "training_differences",
+]

@@ -27,7 +27,6 @@ accurate far from every mode (e.g. at ``|x| = 1e3``).
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +40,7 @@ from dsm_jax._checks import (
     check_positive_number,
     is_concrete,
 )
-from dsm_jax._utils import LOG_2PI
-
-if sys.version_info >= (3, 11):
-    from typing import dataclass_transform
-else:  # a dependency of chex, hence installed
-    from typing_extensions import dataclass_transform
+from dsm_jax._utils import LOG_2PI, dataclass_transform
 
 # --------------------------------------------------------------------------
 # Single-component helpers; `cov` is [d] (diagonal) or [d, d] (full).

@@ -17,7 +17,6 @@ import os
 import re
 import signal
 from pathlib import Path
-from typing import Optional
 
 __all__ = ["Interrupted", "UserError", "os_error_line", "signal_name", "storage_error_line"]
 
@@ -53,7 +52,7 @@ def os_error_line(err: OSError) -> str:
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
 
 
-def storage_error_line(err: Optional[BaseException]) -> Optional[str]:
+def storage_error_line(err: BaseException | None) -> str | None:
     """The one line of a failed write reported by a library as another exception, or None.
 
     orbax (through tensorstore) reports a full disk or a read-only file system

@@ -20,7 +20,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 __all__ = ["call_interruptibly", "Terminated", "raise_on_sigterm"]
 

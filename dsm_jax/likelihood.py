@@ -48,7 +48,6 @@ from dsm_jax.sde import SDE, check_score_input, time_score_fn
 __all__ = ["log_likelihood", "bits_per_dim", "uniform_dequantization_offset", "uniform_dequantize"]
 
 
-
 def log_likelihood(
     model_fn: ModelFn,
     sde: SDE,

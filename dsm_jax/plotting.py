@@ -21,11 +21,13 @@ import io
 import json
 import math
 import os
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from dsm_jax._checks import check_positive_int
+from dsm_jax._utils import PathLike
 
 __all__ = [
     "plot_image_grid",
@@ -36,14 +38,13 @@ __all__ = [
     "read_metrics",
 ]
 
-PathLike = Union[str, os.PathLike]
-Limits = Tuple[float, float]
+Limits = tuple[float, float]
 
 _DATA_COLOR = "#9aa5b1"
 _SAMPLE_COLOR = "#d1495b"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _inline_figure_class(figure_class: type) -> type:
     """``figure_class`` with ``_repr_png_``, so that notebooks show it without pyplot."""
 
@@ -58,7 +59,7 @@ def _inline_figure_class(figure_class: type) -> type:
     return InlineFigure
 
 
-def _figure(nrows: int = 1, ncols: int = 1, *, size: Tuple[float, float] = (4.2, 4.0), **kwargs):
+def _figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (4.2, 4.0), **kwargs):
     """A new figure with an ``nrows x ncols`` grid of axes (always a 2-D array)."""
     try:
         from matplotlib.figure import Figure
@@ -71,7 +72,7 @@ def _figure(nrows: int = 1, ncols: int = 1, *, size: Tuple[float, float] = (4.2,
     return fig, axes
 
 
-def _finish(fig, path: Optional[PathLike], dpi: int):
+def _finish(fig, path: PathLike | None, dpi: int):
     if path is not None:
         path = os.fspath(path)
         parent = os.path.dirname(path)
@@ -88,7 +89,7 @@ def _points(name: str, x: Any) -> np.ndarray:
     return arr
 
 
-def _limits(name: str, lim: Optional[Limits], *arrays: Optional[np.ndarray], axis: int) -> Limits:
+def _limits(name: str, lim: Limits | None, *arrays: np.ndarray | None, axis: int) -> Limits:
     """Explicit limits, or the 0.5%-99.5% range of the points with a 10% margin."""
     if lim is not None:
         low, high = (float(v) for v in lim)
@@ -107,7 +108,7 @@ def _scatter(ax, pts: np.ndarray, color: str, label: str):
     ax.scatter(pts[:, 0], pts[:, 1], s=size, c=color, alpha=0.55, linewidths=0, label=label, rasterized=True)
 
 
-def _style_2d(ax, xlim: Limits, ylim: Limits, title: Optional[str]):
+def _style_2d(ax, xlim: Limits, ylim: Limits, title: str | None):
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     ax.set_aspect("equal")
@@ -119,7 +120,7 @@ def _style_2d(ax, xlim: Limits, ylim: Limits, title: Optional[str]):
 
 def _density_limits(
     log_prob_fn: Callable[[Any], Any], *, threshold: float = 1e-2, size: int = 65
-) -> Tuple[Limits, Limits]:
+) -> tuple[Limits, Limits]:
     """The box holding where ``exp(log_prob_fn)`` exceeds ``threshold`` times its maximum, with a 10% margin.
 
     Searched on a ``size^2`` grid from ``[-3, 3]^2``, doubled (up to 64 times)
@@ -153,14 +154,14 @@ def _density_limits(
 def plot_score_field(
     score_fn: Callable[[Any], Any],
     *,
-    log_prob_fn: Optional[Callable[[Any], Any]] = None,
-    data: Optional[Any] = None,
-    xlim: Optional[Limits] = None,
-    ylim: Optional[Limits] = None,
+    log_prob_fn: Callable[[Any], Any] | None = None,
+    data: Any | None = None,
+    xlim: Limits | None = None,
+    ylim: Limits | None = None,
     num_arrows: int = 21,
     resolution: int = 200,
-    title: Optional[str] = "score field",
-    path: Optional[PathLike] = None,
+    title: str | None = "score field",
+    path: PathLike | None = None,
     dpi: int = 120,
 ):
     """Arrows of a 2-D score over a heat map of the density, with a colorbar.
@@ -212,14 +213,16 @@ def plot_score_field(
             density = np.exp(np.asarray(log_prob_fn(grid), np.float64)).reshape(resolution, resolution)
             label = "density"
         else:
+            points = np.asarray(data)
             # About 4 points per bin along each side's sqrt(N) / 2 bins: a smooth picture, not shot noise.
-            bins = int(np.clip(math.sqrt(len(data)) / 2, 10, resolution // 2))
-            counts, _, _ = np.histogram2d(data[:, 1], data[:, 0], bins=bins, range=[ylim, xlim])
+            bins = int(np.clip(math.sqrt(len(points)) / 2, 10, resolution // 2))
+            counts, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=bins, range=[ylim, xlim])
             cell_area = (xlim[1] - xlim[0]) * (ylim[1] - ylim[0]) / bins**2
-            density = counts / (len(data) * cell_area)  # a density estimate, comparable with a true density
+            density = counts / (len(points) * cell_area)  # a density estimate, comparable with a true density
             label = "density (histogram of the data)"
-        image = ax.imshow(density, origin="lower", extent=(*xlim, *ylim), cmap="Blues", aspect="auto",
-                          interpolation="bilinear")
+        image = ax.imshow(
+            density, origin="lower", extent=(*xlim, *ylim), cmap="Blues", aspect="auto", interpolation="bilinear"
+        )
         fig.colorbar(image, ax=ax, shrink=0.85, label=label)
 
     # Square cells: num_arrows along the longer side, as many as fit along the other.
@@ -235,11 +238,24 @@ def plot_score_field(
     c = max(float(np.median(norm)), 1e-12)
     cell = min(width / (nx - 1), height / (ny - 1))
     arrows = 0.9 * cell * s / (norm + c)
-    ax.quiver(pts[:, 0], pts[:, 1], arrows[:, 0], arrows[:, 1], angles="xy", scale_units="xy", scale=1.0,
-              color="#1b1b1b", width=0.004, headwidth=3.5)
+    ax.quiver(
+        pts[:, 0],
+        pts[:, 1],
+        arrows[:, 0],
+        arrows[:, 1],
+        angles="xy",
+        scale_units="xy",
+        scale=1.0,
+        color="#1b1b1b",
+        width=0.004,
+        headwidth=3.5,
+    )
     _style_2d(ax, xlim, ylim, title)
-    fig.supxlabel(f"arrows: direction of the score, length normalised to |s| / (|s| + c), c = median |s| = {c:.3g}",
-                  fontsize=8, color="#555555")
+    fig.supxlabel(
+        f"arrows: direction of the score, length normalised to |s| / (|s| + c), c = median |s| = {c:.3g}",
+        fontsize=8,
+        color="#555555",
+    )
     return _finish(fig, path, dpi)
 
 
@@ -250,12 +266,12 @@ def plot_score_field(
 
 def plot_samples(
     samples: Any,
-    data: Optional[Any] = None,
+    data: Any | None = None,
     *,
-    xlim: Optional[Limits] = None,
-    ylim: Optional[Limits] = None,
+    xlim: Limits | None = None,
+    ylim: Limits | None = None,
     titles: Sequence[str] = ("data", "samples"),
-    path: Optional[PathLike] = None,
+    path: PathLike | None = None,
     dpi: int = 120,
 ):
     """Generated 2-D samples, next to the data when given (two panels, same limits).
@@ -283,7 +299,7 @@ def plot_samples(
     panels.append((samples, _SAMPLE_COLOR, titles[-1]))
     aspect = float(np.clip((ylim[1] - ylim[0]) / (xlim[1] - xlim[0]), 0.4, 2.5))
     fig, axes = _figure(1, len(panels), size=(4.2, 4.2 * aspect + 0.5), sharex=True, sharey=True)
-    for ax, (pts, color, title) in zip(axes[0], panels):
+    for ax, (pts, color, title) in zip(axes[0], panels, strict=False):
         _scatter(ax, pts, color, title)
         shown = (pts[:, 0] >= xlim[0]) & (pts[:, 0] <= xlim[1]) & (pts[:, 1] >= ylim[0]) & (pts[:, 1] <= ylim[1])
         outside = int(np.sum(~shown))
@@ -297,12 +313,12 @@ def plot_samples(
 def plot_trajectories(
     trajectory: Any,
     *,
-    data: Optional[Any] = None,
+    data: Any | None = None,
     num_paths: int = 12,
-    xlim: Optional[Limits] = None,
-    ylim: Optional[Limits] = None,
-    title: Optional[str] = "Langevin trajectories",
-    path: Optional[PathLike] = None,
+    xlim: Limits | None = None,
+    ylim: Limits | None = None,
+    title: str | None = "Langevin trajectories",
+    path: PathLike | None = None,
     dpi: int = 120,
 ):
     """Paths of a few 2-D chains over the data: start (circle), path (line), end (star).
@@ -356,11 +372,11 @@ def _color_cycle(i: int) -> str:
 def plot_image_grid(
     images: Any,
     *,
-    ncols: Optional[int] = None,
+    ncols: int | None = None,
     data_range: Limits = (-1.0, 1.0),
-    title: Optional[str] = None,
+    title: str | None = None,
     cell_inches: float = 0.6,
-    path: Optional[PathLike] = None,
+    path: PathLike | None = None,
     dpi: int = 120,
 ):
     """Images ``[N, H, W, C]`` (C = 1 grey, 3 RGB) tiled in a grid, values clipped to ``data_range``.
@@ -394,11 +410,16 @@ def plot_image_grid(
     canvas = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1, c))
     for i in range(n):
         r, q = divmod(i, ncols)
-        canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = unit[i]
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = unit[i]
     fig, axes = _figure(size=(cell_inches * ncols + 0.2, cell_inches * nrows + (0.4 if title else 0.2)))
     ax = axes[0, 0]
-    ax.imshow(canvas[..., 0] if c == 1 else canvas, cmap="gray" if c == 1 else None, vmin=0.0, vmax=1.0,
-              interpolation="nearest")
+    ax.imshow(
+        canvas[..., 0] if c == 1 else canvas,
+        cmap="gray" if c == 1 else None,
+        vmin=0.0,
+        vmax=1.0,
+        interpolation="nearest",
+    )
     ax.set_axis_off()
     if title:
         ax.set_title(title)
@@ -433,26 +454,30 @@ def read_metrics(path: PathLike) -> list:
     return records
 
 
-def _series(records: list, key: str) -> Tuple[np.ndarray, np.ndarray]:
+def _series(records: list, key: str) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)`` of records holding ``key``; None (non-finite) becomes NaN."""
     rows = [(r["step"], r[key]) for r in records if key in r]
     if not rows:
         return np.zeros(0), np.zeros((0,))
     steps = np.asarray([s for s, _ in rows], dtype=np.float64)
     values = np.asarray(
-        [[np.nan if v is None else v for v in value] if isinstance(value, list) else (np.nan if value is None else value)
-         for _, value in rows],
+        [
+            [np.nan if v is None else v for v in value]
+            if isinstance(value, list)
+            else (np.nan if value is None else value)
+            for _, value in rows
+        ],
         dtype=np.float64,
     )
     return steps, values
 
 
 def plot_losses(
-    metrics: Union[PathLike, Iterable[dict]],
+    metrics: PathLike | Iterable[dict],
     *,
-    sigmas: Optional[Sequence[float]] = None,
-    title: Optional[str] = None,
-    path: Optional[PathLike] = None,
+    sigmas: Sequence[float] | None = None,
+    title: str | None = None,
+    path: PathLike | None = None,
     dpi: int = 120,
 ):
     """Training curves: the loss, the per-sigma losses and the gradient norm against the step.
@@ -491,31 +516,32 @@ def plot_losses(
         records = [r for r in metrics if isinstance(r, dict) and "event" not in r and "loss" in r]
     if not records:
         raise ValueError("metrics holds no training records (dicts with 'step' and 'loss').")
+    levels = None if sigmas is None else np.asarray(sigmas, dtype=np.float64).reshape(-1)
     panels = [("loss", "training loss (weighted over sigma)", "loss")]
     per_sigma_steps, per_sigma = _series(records, "per_sigma_loss")
     if per_sigma.ndim == 2 and per_sigma.size:
         panels.append(("per_sigma_loss", "per-sigma loss (unweighted)", "DSM loss at sigma"))
-        if sigmas is not None:
-            sigmas = np.asarray(sigmas, dtype=np.float64).reshape(-1)
-            if len(sigmas) != per_sigma.shape[1]:
+        if levels is not None:
+            if len(levels) != per_sigma.shape[1]:
                 raise ValueError(
-                    f"sigmas has {len(sigmas)} entries but per_sigma_loss has {per_sigma.shape[1]} per record."
+                    f"sigmas has {len(levels)} entries but per_sigma_loss has {per_sigma.shape[1]} per record."
                 )
-            if not np.all(sigmas > 0):
-                raise ValueError(f"sigmas must be positive, got {sigmas.tolist()}.")
+            if not np.all(levels > 0):
+                raise ValueError(f"sigmas must be positive, got {levels.tolist()}.")
     if any(r.get("grad_norm") is not None for r in records):
         panels.append(("grad_norm", "gradient norm", "global norm (before clipping)"))
 
     from matplotlib import cm, colormaps, colors
 
     fig, axes = _figure(1, len(panels), size=(4.4, 3.4))
-    for ax, (key, label, ylabel) in zip(axes[0], panels):
+    for ax, (key, label, ylabel) in zip(axes[0], panels, strict=False):
         if key == "per_sigma_loss":
-            if sigmas is not None:
-                norm = colors.LogNorm(vmin=float(sigmas.min()), vmax=float(sigmas.max()))
-                if norm.vmin == norm.vmax:  # one level: LogNorm needs vmin < vmax
-                    norm = colors.LogNorm(vmin=norm.vmin / 2, vmax=norm.vmax * 2)
-                values, bar_label = sigmas, "sigma (log scale)"
+            if levels is not None:
+                lo, hi = float(levels.min()), float(levels.max())
+                if lo == hi:  # one level: LogNorm needs vmin < vmax
+                    lo, hi = lo / 2, hi * 2
+                norm = colors.LogNorm(vmin=lo, vmax=hi)
+                values, bar_label = levels, "sigma (log scale)"
             else:
                 norm = colors.Normalize(vmin=0, vmax=max(per_sigma.shape[1] - 1, 1))
                 values, bar_label = np.arange(per_sigma.shape[1]), "noise level index"

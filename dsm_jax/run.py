@@ -42,9 +42,10 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,10 +63,34 @@ if TYPE_CHECKING:  # config.py imports SAMPLERS from here, so this module reads 
     from dsm_jax.data import Dataset
 
 __all__ = [
-    "CHECKING", "INTERRUPTED_WHILE", "PREPARING", "SAMPLERS", "SAMPLING", "TRAINING", "Run", "Sampler", "UserError",
-    "build_run", "default_workdir", "denoise_file", "describe_samplers", "draw_samples", "evaluate", "fit_to_data",
-    "load_trained", "lock_workdir", "output_names", "plan_workdir", "prepare_workdir", "print_metrics",
-    "quiet_library_errors", "sample_and_evaluate", "sample_workdir", "say", "train_and_sample", "vesde_of_grid",
+    "CHECKING",
+    "INTERRUPTED_WHILE",
+    "PREPARING",
+    "SAMPLERS",
+    "SAMPLING",
+    "TRAINING",
+    "Run",
+    "Sampler",
+    "UserError",
+    "build_run",
+    "default_workdir",
+    "denoise_file",
+    "describe_samplers",
+    "draw_samples",
+    "evaluate",
+    "fit_to_data",
+    "load_trained",
+    "lock_workdir",
+    "output_names",
+    "plan_workdir",
+    "prepare_workdir",
+    "print_metrics",
+    "quiet_library_errors",
+    "sample_and_evaluate",
+    "sample_workdir",
+    "say",
+    "train_and_sample",
+    "vesde_of_grid",
     "write_figures",
 ]
 
@@ -148,28 +173,38 @@ def fit_to_data(cfg: Config, shape: Sequence[int], user_set=frozenset()) -> tupl
         if model == "unet":
             chosen.append(f"model 'unet' chosen for images [H, W, C] of shape {shape} (--set model=mlp flattens them)")
         elif len(shape) == 2:
-            chosen.append(f"model 'mlp' chosen for examples of shape {shape}; give images as [N, H, W, C] for the U-Net")
+            chosen.append(
+                f"model 'mlp' chosen for examples of shape {shape}; give images as [N, H, W, C] for the U-Net"
+            )
     sigma_sampling = cfg.sigma_sampling
     if model == "unet" and sigma_sampling in ("all", "stratified"):
-        cost = (f"sigma_sampling={sigma_sampling!r} evaluates the U-Net at all {cfg.num_sigmas} levels for every "
-                f"image, {cfg.num_sigmas}x the cost of a step with 'random'")
+        cost = (
+            f"sigma_sampling={sigma_sampling!r} evaluates the U-Net at all {cfg.num_sigmas} levels for every "
+            f"image, {cfg.num_sigmas}x the cost of a step with 'random'"
+        )
         if "model" in user_set or "sigma_sampling" in user_set:
             chosen.append(f"note: {cost}; --set sigma_sampling=random trains one level per image")
         else:
             sigma_sampling = "random"
-            chosen.append(f"sigma_sampling='random' (one level per image, as the digits preset): {cost} "
-                          f"(--set sigma_sampling={cfg.sigma_sampling} to keep it)")
+            chosen.append(
+                f"sigma_sampling='random' (one level per image, as the digits preset): {cost} "
+                f"(--set sigma_sampling={cfg.sigma_sampling} to keep it)"
+            )
     steps_per_call = cfg.steps_per_call
     if model == "unet" and steps_per_call > 1 and "steps_per_call" not in user_set:
-        cost = (f"on a CPU, convolutions inside a compiled loop of {steps_per_call} steps ran 25x slower per step "
-                f"(digits: 0.06 against 1.5 steps/s)")
+        cost = (
+            f"on a CPU, convolutions inside a compiled loop of {steps_per_call} steps ran 25x slower per step "
+            f"(digits: 0.06 against 1.5 steps/s)"
+        )
         if "model" in user_set:
             chosen.append(f"note: {cost}; --set steps_per_call=1 there")
         else:
             steps_per_call = 1
             chosen.append(f"steps_per_call=1 (as the digits preset): {cost}; --set steps_per_call=N on a GPU")
-    return (dataclasses.replace(cfg, model=model, sigma_sampling=sigma_sampling, steps_per_call=steps_per_call),
-            tuple(chosen))
+    return (
+        dataclasses.replace(cfg, model=model, sigma_sampling=sigma_sampling, steps_per_call=steps_per_call),
+        tuple(chosen),
+    )
 
 
 def build_run(cfg: Config, *, user_set=None) -> Run:
@@ -194,18 +229,21 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
         )
     if cfg.model == "unet":
         if len(dataset.shape) != 3:
-            raise UserError(f"model='unet' needs images [N, H, W, C]; {cfg.dataset!r} has examples of shape {dataset.shape}.")
+            raise UserError(
+                f"model='unet' needs images [N, H, W, C]; {cfg.dataset!r} has examples of shape {dataset.shape}."
+            )
         levels = len(cfg.channel_mults) - 1
         if dataset.shape[0] % 2**levels or dataset.shape[1] % 2**levels:
             alternative = " or --set model=mlp" if chosen else ""
             raise UserError(
                 f"channel_mults={cfg.channel_mults} downsamples {levels} times; image size {dataset.shape[:2]} "
-                f"must be divisible by {2 ** levels}; --set channel_mults=...{alternative}."
+                f"must be divisible by {2**levels}; --set channel_mults=...{alternative}."
             )
         model = UNet(channels=cfg.channels, channel_mults=cfg.channel_mults, embedding=cfg.embedding)
     else:
-        model = NoiseConditionalMLP(width=cfg.width, depth=cfg.depth, embedding=cfg.embedding,
-                                    fourier_scale=cfg.fourier_scale)
+        model = NoiseConditionalMLP(
+            width=cfg.width, depth=cfg.depth, embedding=cfg.embedding, fourier_scale=cfg.fourier_scale
+        )
     sigma_max = cfg.sigma_max if cfg.sigma_max is not None else float(noise.ncsnv2_sigma_max(dataset.train))
     if sigma_max <= cfg.sigma_min:
         raise UserError(f"sigma_max={sigma_max:g} (from the data) must exceed sigma_min={cfg.sigma_min:g}.")
@@ -219,7 +257,7 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
     return Run(cfg, dataset, model, sigmas, float(step_lr), chosen)
 
 
-def _load_saved_config(workdir: Path) -> Optional[Config]:
+def _load_saved_config(workdir: Path) -> Config | None:
     from dsm_jax.config import Config
 
     path = Path(workdir) / "config.json"
@@ -234,7 +272,9 @@ def _load_saved_config(workdir: Path) -> Optional[Config]:
 def _require_run(workdir) -> Config:
     workdir = Path(workdir)
     if not workdir.is_dir():
-        raise UserError(f"--workdir {os.fspath(workdir)!r} does not exist; train a model first (dsm-jax train --workdir ...).")
+        raise UserError(
+            f"--workdir {os.fspath(workdir)!r} does not exist; train a model first (dsm-jax train --workdir ...)."
+        )
     cfg = _load_saved_config(workdir)
     if cfg is None:
         raise UserError(f"--workdir {os.fspath(workdir)!r} holds no config.json; it is not a dsm-jax run.")
@@ -315,10 +355,19 @@ def _annealed_langevin(run: Run, model_fn, key, shape):
     cfg = run.config
     k_init, k_run = jax.random.split(key)
     x0 = float(run.sigmas[0]) * jax.random.normal(k_init, shape)
-    result = jax.jit(lambda x0, k: samplers.annealed_langevin(
-        model_fn, x0, k, jnp.asarray(run.sigmas), steps_per_sigma=cfg.steps_per_sigma, step_lr=run.step_lr,
-        final_denoise=cfg.final_denoise, parameterization=cfg.parameterization, return_result=True,
-    ))(x0, k_run)
+    result = jax.jit(
+        lambda x0, k: samplers.annealed_langevin(
+            model_fn,
+            x0,
+            k,
+            jnp.asarray(run.sigmas),
+            steps_per_sigma=cfg.steps_per_sigma,
+            step_lr=run.step_lr,
+            final_denoise=cfg.final_denoise,
+            parameterization=cfg.parameterization,
+            return_result=True,
+        )
+    )(x0, k_run)
     return result.samples, int(result.nfe)
 
 
@@ -361,15 +410,30 @@ def _ve_sde(run: Run) -> str:
 
 
 SAMPLERS = {
-    "ald": Sampler("annealed Langevin", _annealed_langevin,
-                   lambda run: f"{len(run.sigmas)} levels x {run.config.steps_per_sigma} steps",
-                   "a smaller --set step_lr=..."),
-    "em": Sampler("reverse SDE", _from_the_ve_prior(_euler_maruyama),
-                  lambda run: f"{run.config.sde_steps} steps {_ve_sde(run)}", "another sampler"),
-    "pc": Sampler("predictor-corrector", _from_the_ve_prior(_predictor_corrector),
-                  lambda run: f"{run.config.sde_steps} steps {_ve_sde(run)}", "another sampler"),
-    "ode": Sampler("probability flow", _from_the_ve_prior(_probability_flow),
-                   lambda run: f"adaptive Tsit5 on the probability flow {_ve_sde(run)}", "another sampler"),
+    "ald": Sampler(
+        "annealed Langevin",
+        _annealed_langevin,
+        lambda run: f"{len(run.sigmas)} levels x {run.config.steps_per_sigma} steps",
+        "a smaller --set step_lr=...",
+    ),
+    "em": Sampler(
+        "reverse SDE",
+        _from_the_ve_prior(_euler_maruyama),
+        lambda run: f"{run.config.sde_steps} steps {_ve_sde(run)}",
+        "another sampler",
+    ),
+    "pc": Sampler(
+        "predictor-corrector",
+        _from_the_ve_prior(_predictor_corrector),
+        lambda run: f"{run.config.sde_steps} steps {_ve_sde(run)}",
+        "another sampler",
+    ),
+    "ode": Sampler(
+        "probability flow",
+        _from_the_ve_prior(_probability_flow),
+        lambda run: f"adaptive Tsit5 on the probability flow {_ve_sde(run)}",
+        "another sampler",
+    ),
 }
 """The samplers of ``dsm-jax --sampler`` and of ``Config.sampler``, by name: the one table of their names."""
 
@@ -412,17 +476,19 @@ def evaluate(run: Run, params, samples: np.ndarray, key: jax.Array) -> dict:
         out["mmd_bandwidth"] = float(floor.bandwidth)
         out["mmd_n"] = int(n)
         out["sliced_wasserstein"] = float(metrics.sliced_wasserstein(x, y, k_sw))
-        out["sliced_wasserstein_data_floor"] = float(
-            metrics.sliced_wasserstein(jnp.asarray(train_flat[:n]), y, k_sw)
-        )
+        out["sliced_wasserstein_data_floor"] = float(metrics.sliced_wasserstein(jnp.asarray(train_flat[:n]), y, k_sw))
     dist = run.dataset.distribution
     if dist is not None:
         fd = metrics.per_sigma_fisher_divergence(
-            run.model_fn(params), dist, jnp.asarray(run.sigmas), k_fisher,
-            num_samples=run.config.fisher_samples, parameterization=run.config.parameterization,
+            run.model_fn(params),
+            dist,
+            jnp.asarray(run.sigmas),
+            k_fisher,
+            num_samples=run.config.fisher_samples,
+            parameterization=run.config.parameterization,
         )
         rel = np.asarray(fd.relative, dtype=np.float64)
-        out["relative_fisher"] = {f"{s:.4g}": float(r) for s, r in zip(run.sigmas, rel)}
+        out["relative_fisher"] = {f"{s:.4g}": float(r) for s, r in zip(run.sigmas, rel, strict=False)}
         out["relative_fisher_mean"] = float(rel.mean())
         if finite.all():
             mw = metrics.mode_weights(jnp.asarray(samples), dist)
@@ -449,24 +515,36 @@ def write_figures(run: Run, params, samples: np.ndarray, workdir, *, sampler: st
     written = []
     lo, hi = run.dataset.data_range or (-1.0, 1.0)
     if run.dataset.shape == (2,):
-        plotting.plot_samples(samples[np.isfinite(samples).all(axis=1)], run.dataset.test,
-                              titles=("held-out data", f"samples ({sampler})"), path=workdir / f"{stem}.png")
+        plotting.plot_samples(
+            samples[np.isfinite(samples).all(axis=1)],
+            run.dataset.test,
+            titles=("held-out data", f"samples ({sampler})"),
+            path=workdir / f"{stem}.png",
+        )
         written.append(f"{stem}.png")
         if stem == "samples":
             sigma = float(run.sigmas[-1])
             model_fn = run.model_fn(params)
-            score = jax.jit(lambda x: score_from_model(model_fn, x, sigma, parameterization=run.config.parameterization))
+            score = jax.jit(
+                lambda x: score_from_model(model_fn, x, sigma, parameterization=run.config.parameterization)
+            )
             dist = run.dataset.distribution
             plotting.plot_score_field(
-                score, log_prob_fn=None if dist is None else jax.jit(dist.convolve(sigma).log_prob),
+                score,
+                log_prob_fn=None if dist is None else jax.jit(dist.convolve(sigma).log_prob),
                 data=None if dist is not None else run.dataset.test[:2000],
-                title=f"learned score at sigma={sigma:.3g}", path=workdir / "score_field.png",
+                title=f"learned score at sigma={sigma:.3g}",
+                path=workdir / "score_field.png",
             )
             written.append("score_field.png")
     elif len(run.dataset.shape) == 3:
         num = min(64, samples.shape[0])
-        plotting.plot_image_grid(np.clip(samples[:num], lo, hi), data_range=(lo, hi),
-                                 title=f"samples ({sampler})", path=workdir / f"{stem}.png")
+        plotting.plot_image_grid(
+            np.clip(samples[:num], lo, hi),
+            data_range=(lo, hi),
+            title=f"samples ({sampler})",
+            path=workdir / f"{stem}.png",
+        )
         written.append(f"{stem}.png")
     if stem == "samples" and (workdir / "metrics.jsonl").exists():
         try:
@@ -480,8 +558,17 @@ def write_figures(run: Run, params, samples: np.ndarray, workdir, *, sampler: st
     return written
 
 
-def sample_and_evaluate(run: Run, params, workdir, *, num: int, sampler: str, seed: int,
-                        stem: str = "samples", metrics_name: str = "metrics.json") -> dict:
+def sample_and_evaluate(
+    run: Run,
+    params,
+    workdir,
+    *,
+    num: int,
+    sampler: str,
+    seed: int,
+    stem: str = "samples",
+    metrics_name: str = "metrics.json",
+) -> dict:
     """Samples, evaluates and writes ``<stem>.npz``, ``metrics_name`` and the figures (:func:`write_figures`).
 
     The sampling key is ``fold_in(key(seed), 1_000_003)``, a stream disjoint
@@ -499,14 +586,18 @@ def sample_and_evaluate(run: Run, params, workdir, *, num: int, sampler: str, se
     samples, nfe = draw_samples(run, params, k_sample, num, sampler)
     seconds = time.perf_counter() - t0
     if not np.isfinite(samples).any():
-        raise UserError(f"the {sampler} sampler diverged: all {num} samples are NaN or Inf; nothing was written; "
-                        f"try {SAMPLERS[sampler].hint}.")
+        raise UserError(
+            f"the {sampler} sampler diverged: all {num} samples are NaN or Inf; nothing was written; "
+            f"try {SAMPLERS[sampler].hint}."
+        )
     results = evaluate(run, params, samples, k_eval)
     results.update(sampler=sampler, nfe=nfe, sampling_seconds=round(seconds, 3), seed=seed)
     files = []
     if jax.process_index() == 0:
-        write_atomic(workdir / f"{stem}.npz",
-                     lambda p: np.savez(open(p, "wb"), samples=samples, nfe=nfe, sampler=sampler, seed=seed))
+        write_atomic(
+            workdir / f"{stem}.npz",
+            lambda p: np.savez(open(p, "wb"), samples=samples, nfe=nfe, sampler=sampler, seed=seed),
+        )
         _write_json(workdir / metrics_name, results)
         files = [f"{stem}.npz", metrics_name] + write_figures(run, params, samples, workdir, sampler=sampler, stem=stem)
     results["files"] = files
@@ -539,23 +630,33 @@ def print_metrics(results: dict) -> None:
         elif ratio <= 3:
             verdict = f"within 3 floors: the samples cannot be told from held-out data at n={n}"
         else:
-            verdict = (f"{ratio:.0f} times the spread between two data samples of this size: the samples differ "
-                       f"detectably; a fixed error's ratio grows in proportion to n, so compare at equal n")
-        parts.append(f"MMD^2 {results['mmd2']:.2e} (two-sample floor {results['mmd2_floor']:.1e}, "
-                     f"ratio {ratio:.2f}: {verdict})")
+            verdict = (
+                f"{ratio:.0f} times the spread between two data samples of this size: the samples differ "
+                f"detectably; a fixed error's ratio grows in proportion to n, so compare at equal n"
+            )
+        parts.append(
+            f"MMD^2 {results['mmd2']:.2e} (two-sample floor {results['mmd2_floor']:.1e}, ratio {ratio:.2f}: {verdict})"
+        )
         sw, floor = results["sliced_wasserstein"], results["sliced_wasserstein_data_floor"]
         times = f"{sw / floor:.1f}x " if floor > 0 else ""
-        parts.append(f"sliced Wasserstein {sw:.4f} ({times}its floor {floor:.4f}, the distance between two data "
-                     f"samples of this size, what a perfect model gives)")
+        parts.append(
+            f"sliced Wasserstein {sw:.4f} ({times}its floor {floor:.4f}, the distance between two data "
+            f"samples of this size, what a perfect model gives)"
+        )
     if "relative_fisher_mean" in results:
-        parts.append(f"relative Fisher divergence {results['relative_fisher_mean']:.4f} (mean over the "
-                     f"{len(results['relative_fisher'])} levels of E|s_model - s|^2 / E|s|^2 on the noised data: "
-                     f"0 is the exact score, 1 as far off as a zero score)")
+        parts.append(
+            f"relative Fisher divergence {results['relative_fisher_mean']:.4f} (mean over the "
+            f"{len(results['relative_fisher'])} levels of E|s_model - s|^2 / E|s|^2 on the noised data: "
+            f"0 is the exact score, 1 as far off as a zero score)"
+        )
     if "mode_weights" in results:
         got, truth = results["mode_weights"], results["true_weights"]
-        err = max(abs(a - b) for a, b in zip(got, truth))
-        shown = (f"{' '.join(f'{w:.3f}' for w in got)} (truth {' '.join(f'{w:.3f}' for w in truth)}; "
-                 if len(got) <= 8 else f"of {len(got)} modes (")
+        err = max(abs(a - b) for a, b in zip(got, truth, strict=False))
+        shown = (
+            f"{' '.join(f'{w:.3f}' for w in got)} (truth {' '.join(f'{w:.3f}' for w in truth)}; "
+            if len(got) <= 8
+            else f"of {len(got)} modes ("
+        )
         parts.append(f"mode weights {shown}largest error {err:.3f}; each sample counted for its likeliest mode)")
     if results.get("fraction_finite", 1.0) < 1.0:
         parts.append(f"WARNING: only {100 * results['fraction_finite']:.1f}% of samples are finite")
@@ -581,7 +682,7 @@ def _names(names: Sequence[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def lock_workdir(stack: ExitStack, workdir: Path, command: str) -> Optional[workdir_lib.WorkdirLock]:
+def lock_workdir(stack: ExitStack, workdir: Path, command: str) -> workdir_lib.WorkdirLock | None:
     """Locks ``workdir`` until ``stack`` closes (process 0 of a multi-host run only; others get None)."""
     if jax.process_index() != 0:
         return None
@@ -591,7 +692,7 @@ def lock_workdir(stack: ExitStack, workdir: Path, command: str) -> Optional[work
         raise UserError(str(err)) from None
 
 
-def _interrupt_cleanups(workdir: Path, lock: Optional[workdir_lib.WorkdirLock]) -> list:
+def _interrupt_cleanups(workdir: Path, lock: workdir_lib.WorkdirLock | None) -> list:
     """What to undo before exiting on a signal: this process's temporaries, then the lock."""
     out: list[Callable[[], object]] = [lambda: workdir_lib.remove_tmp_files(workdir)]
     if lock is not None:
@@ -636,30 +737,43 @@ def plan_workdir(workdir: Path, cfg: Config, overwrite: bool) -> tuple:
     saved = None if "config.json" in foreign else _load_saved_config(workdir)
     if saved is None:
         if foreign:
-            raise UserError(f"{where} exists, is not empty and holds no dsm-jax run ({_names(foreign)}); "
-                            "choose another --workdir (nothing was changed).")
+            raise UserError(
+                f"{where} exists, is not empty and holds no dsm-jax run ({_names(foreign)}); "
+                "choose another --workdir (nothing was changed)."
+            )
         if not overwrite:
-            raise UserError(f"{where} holds files of a dsm-jax run but no config.json; pass --overwrite to delete "
-                            "them or choose another --workdir.")
+            raise UserError(
+                f"{where} holds files of a dsm-jax run but no config.json; pass --overwrite to delete "
+                "them or choose another --workdir."
+            )
         return "clear", "deleting the files of a run without config.json (--overwrite)"
     diffs = training_differences(saved, cfg)
     if not diffs:
-        return "resume", ("--overwrite: the run there has the same training config; resuming it (nothing deleted)"
-                          if overwrite else None)
+        return "resume", (
+            "--overwrite: the run there has the same training config; resuming it (nothing deleted)"
+            if overwrite
+            else None
+        )
     shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in diffs[:4])
     steps = _checkpoint_steps(workdir)
     if steps and not overwrite:
-        raise UserError(f"{where} holds a run with a different config ({shown}); "
-                        "pass --overwrite to start over or choose another --workdir.")
+        raise UserError(
+            f"{where} holds a run with a different config ({shown}); "
+            "pass --overwrite to start over or choose another --workdir."
+        )
     if foreign:
-        raise UserError(f"{where} holds a run with a different config ({shown}) and also files no dsm-jax run "
-                        f"wrote ({_names(foreign)}); nothing was deleted: move them away or choose another --workdir.")
-    return "clear", (f"deleting the run there, whose config differs ({shown}; --overwrite)" if steps else
-                     "replacing the run there, which has a different config and no checkpoint")
+        raise UserError(
+            f"{where} holds a run with a different config ({shown}) and also files no dsm-jax run "
+            f"wrote ({_names(foreign)}); nothing was deleted: move them away or choose another --workdir."
+        )
+    return "clear", (
+        f"deleting the run there, whose config differs ({shown}; --overwrite)"
+        if steps
+        else "replacing the run there, which has a different config and no checkpoint"
+    )
 
 
-def prepare_workdir(workdir: Path, cfg: Config, overwrite: bool,
-                    lock: Optional[workdir_lib.WorkdirLock] = None) -> str:
+def prepare_workdir(workdir: Path, cfg: Config, overwrite: bool, lock: workdir_lib.WorkdirLock | None = None) -> str:
     """Under the lock, resumes or starts ``workdir``, clearing only run files; returns "new" or "resume".
 
     The plan (:func:`plan_workdir`) is made again here, under the lock, so that
@@ -686,8 +800,10 @@ def prepare_workdir(workdir: Path, cfg: Config, overwrite: bool,
 def _check_config(cfg: Config) -> None:
     """What a config alone shows cannot train: checked before any data is loaded."""
     if cfg.num_sigmas < 2:
-        raise UserError(f"num_sigmas={cfg.num_sigmas} cannot work: the noise grid runs from sigma_max to sigma_min "
-                        "and needs at least 2 levels; pass --set num_sigmas=N with N >= 2.")
+        raise UserError(
+            f"num_sigmas={cfg.num_sigmas} cannot work: the noise grid runs from sigma_max to sigma_min "
+            "and needs at least 2 levels; pass --set num_sigmas=N with N >= 2."
+        )
 
 
 def _check_trainable(run: Run, *, sample: bool) -> None:
@@ -699,8 +815,10 @@ def _check_trainable(run: Run, *, sample: bool) -> None:
     if sample and num_test < 2:
         total = num_test + run.dataset.train.shape[0]
         how = f"num_test={cfg.num_test}" if cfg.num_test is not None else "by default 10% of a user array's rows"
-        raise UserError(f"{cfg.dataset!r} leaves {num_test} held-out examples of {total} ({how}); evaluation after "
-                        "training needs at least 2: pass --set num_test=N with N >= 2, or --no-sample.")
+        raise UserError(
+            f"{cfg.dataset!r} leaves {num_test} held-out examples of {total} ({how}); evaluation after "
+            "training needs at least 2: pass --set num_test=N with N >= 2, or --no-sample."
+        )
 
 
 def _training_interrupted(err: BaseException, workdir: Path) -> BaseException:
@@ -715,28 +833,46 @@ def _training_interrupted(err: BaseException, workdir: Path) -> BaseException:
 
     if isinstance(err, (TrainingInterrupted, TrainingTerminated)):
         signum = signal.SIGINT if isinstance(err, TrainingInterrupted) else signal.SIGTERM
-        return Interrupted(f"interrupted ({signal_name(signum)}) at step {err.saved_step}, which was checkpointed; "
-                           "re-run the same command to resume.", signum)
+        return Interrupted(
+            f"interrupted ({signal_name(signum)}) at step {err.saved_step}, which was checkpointed; "
+            "re-run the same command to resume.",
+            signum,
+        )
     if isinstance(err, SystemExit):
         return err
     signum = getattr(err, "signum", signal.SIGINT)
     steps = _checkpoint_steps(workdir)
     if steps:
-        line = (f"interrupted ({signal_name(signum)}) before this session's first checkpoint; the checkpoint of "
-                f"step {steps[-1]} is kept; re-run the same command to resume.")
+        line = (
+            f"interrupted ({signal_name(signum)}) before this session's first checkpoint; the checkpoint of "
+            f"step {steps[-1]} is kept; re-run the same command to resume."
+        )
     else:
-        line = f"interrupted ({signal_name(signum)}) before the first checkpoint; re-run the same command to start again."
+        line = (
+            f"interrupted ({signal_name(signum)}) before the first checkpoint; re-run the same command to start again."
+        )
     return Interrupted(line, signum)
 
 
 def _sampling_interrupted_line(command: str, workdir: Path) -> str:
-    kept = ("the trained checkpoints are kept; 'dsm-jax evaluate --workdir " + os.fspath(workdir) + "' samples again"
-            if command == "train" else "every file already in the work directory is intact")
+    kept = (
+        "the trained checkpoints are kept; 'dsm-jax evaluate --workdir " + os.fspath(workdir) + "' samples again"
+        if command == "train"
+        else "every file already in the work directory is intact"
+    )
     return f"dsm-jax {command}: interrupted while sampling; nothing of this sampling was written, {kept}."
 
 
-def train_and_sample(cfg: Config, workdir, *, user_set=None, overwrite: bool = False, sample: bool = True,
-                     quiet: bool = False, on_phase: Callable[[str], None] = _ignore) -> tuple:
+def train_and_sample(
+    cfg: Config,
+    workdir,
+    *,
+    user_set=None,
+    overwrite: bool = False,
+    sample: bool = True,
+    quiet: bool = False,
+    on_phase: Callable[[str], None] = _ignore,
+) -> tuple:
     """``dsm-jax train``: trains (or resumes) ``cfg`` in ``workdir``, then samples, evaluates and writes the record.
 
     Every check runs before anything is changed, under the lock of an existing
@@ -787,11 +923,14 @@ def train_and_sample(cfg: Config, workdir, *, user_set=None, overwrite: bool = F
         params = init_params(run.model, jax.random.key(cfg.seed), jnp.asarray(run.dataset.train[:1]))
         n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         loss_fn = make_dsm_loss_fn(
-            run.model, jnp.asarray(run.sigmas), weighting=cfg.weighting, parameterization=cfg.parameterization,
-            sigma_sampling=cfg.sigma_sampling, scale_by_sigma=cfg.scale_by_sigma,
+            run.model,
+            jnp.asarray(run.sigmas),
+            weighting=cfg.weighting,
+            parameterization=cfg.parameterization,
+            sigma_sampling=cfg.sigma_sampling,
+            scale_by_sigma=cfg.scale_by_sigma,
         )
-        optimizer = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                                   grad_clip_norm=cfg.grad_clip_norm)
+        optimizer = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, grad_clip_norm=cfg.grad_clip_norm)
         batches = BatchSource(run.dataset.train, cfg.batch_size, seed=cfg.seed)
         on_phase(PREPARING)
         if lock is None:
@@ -802,19 +941,31 @@ def train_and_sample(cfg: Config, workdir, *, user_set=None, overwrite: bool = F
         if jax.process_index() == 0:
             write_atomic(workdir / "config.json", lambda p: p.write_text(config_lib.dumps(cfg, run.resolved)))
         on_phase(TRAINING)
-        say(f"{'resuming' if what == 'resume' else 'training'} in {workdir}: "
+        say(
+            f"{'resuming' if what == 'resume' else 'training'} in {workdir}: "
             f"{run.dataset.description or cfg.dataset}; {cfg.model} ({n_params:,} parameters); "
             f"{len(run.sigmas)} sigmas {run.sigmas[0]:.3g} -> {run.sigmas[-1]:.3g}; {cfg.num_steps} steps of "
-            f"batch {cfg.batch_size} on {jax.local_device_count()} {jax.default_backend()} device(s)")
+            f"batch {cfg.batch_size} on {jax.local_device_count()} {jax.default_backend()} device(s)"
+        )
         for sentence in run.chosen:
             say(f"  {sentence}")
         t0 = time.perf_counter()
         try:
             state = train(
-                loss_fn, params, batches, workdir=workdir,
-                num_steps=cfg.num_steps, optimizer=optimizer, seed=cfg.seed, ema_decay=cfg.ema_decay,
-                steps_per_call=cfg.steps_per_call, save_every=cfg.save_every, keep=cfg.keep,
-                log_every=cfg.log_every, config=config_lib.training_fields(cfg), quiet=quiet,
+                loss_fn,
+                params,
+                batches,
+                workdir=workdir,
+                num_steps=cfg.num_steps,
+                optimizer=optimizer,
+                seed=cfg.seed,
+                ema_decay=cfg.ema_decay,
+                steps_per_call=cfg.steps_per_call,
+                save_every=cfg.save_every,
+                keep=cfg.keep,
+                log_every=cfg.log_every,
+                config=config_lib.training_fields(cfg),
+                quiet=quiet,
             )
         except (KeyboardInterrupt, SystemExit) as err:
             raise _training_interrupted(err, workdir) from None
@@ -829,7 +980,8 @@ def train_and_sample(cfg: Config, workdir, *, user_set=None, overwrite: bool = F
         params = jax.tree.map(jnp.asarray, state.ema_params)
         results = call_interruptibly(
             lambda: sample_and_evaluate(run, params, workdir, num=cfg.num_samples, sampler=cfg.sampler, seed=cfg.seed),
-            message=_sampling_interrupted_line("train", workdir), cleanups=_interrupt_cleanups(workdir, lock),
+            message=_sampling_interrupted_line("train", workdir),
+            cleanups=_interrupt_cleanups(workdir, lock),
         )
     print_metrics(results)
     say(f"wrote {workdir}/: checkpoints/, config.json, metrics.jsonl, {', '.join(results['files'])}")
@@ -841,8 +993,15 @@ def train_and_sample(cfg: Config, workdir, *, user_set=None, overwrite: bool = F
 # ---------------------------------------------------------------------------
 
 
-def sample_workdir(workdir, *, evaluate: bool = False, sampler: Optional[str] = None, num: Optional[int] = None,
-                   seed: Optional[int] = None, on_phase: Callable[[str], None] = _ignore) -> dict:
+def sample_workdir(
+    workdir,
+    *,
+    evaluate: bool = False,
+    sampler: str | None = None,
+    num: int | None = None,
+    seed: int | None = None,
+    on_phase: Callable[[str], None] = _ignore,
+) -> dict:
     """``dsm-jax sample`` (``evaluate=False``) and ``evaluate``: files named by :func:`output_names`.
 
     ``sampler``, ``num`` and ``seed`` default to the run's. ``evaluate`` with
@@ -866,28 +1025,36 @@ def sample_workdir(workdir, *, evaluate: bool = False, sampler: Optional[str] = 
         names = output_names(cfg, sampler, num, seed, evaluate=evaluate)
         previous = None
         if evaluate and names:
-            say(f"{sampler}, {num} samples, seed {seed} differ from the training run's {cfg.sampler}, "
-                f"{cfg.num_samples} samples, seed {cfg.seed}: its metrics.json and samples are kept")
+            say(
+                f"{sampler}, {num} samples, seed {seed} differ from the training run's {cfg.sampler}, "
+                f"{cfg.num_samples} samples, seed {cfg.seed}: its metrics.json and samples are kept"
+            )
         elif evaluate and (workdir / "metrics.json").exists():
             previous = json.loads((workdir / "metrics.json").read_text())
         on_phase(SAMPLING)
         results = call_interruptibly(
             lambda: sample_and_evaluate(run, params, workdir, num=num, sampler=sampler, seed=seed, **names),
-            message=_sampling_interrupted_line(command, workdir), cleanups=_interrupt_cleanups(workdir, lock),
+            message=_sampling_interrupted_line(command, workdir),
+            cleanups=_interrupt_cleanups(workdir, lock),
         )
     print_metrics(results)
     if previous is not None:
-        changed = [k for k in sorted(set(previous) | set(results))
-                   if k not in ("sampling_seconds", "files") and previous.get(k) != results.get(k)]
-        say("  metrics.json: the same values as before (same sampler, size and seed as training)" if not changed
+        changed = [
+            k
+            for k in sorted(set(previous) | set(results))
+            if k not in ("sampling_seconds", "files") and previous.get(k) != results.get(k)
+        ]
+        say(
+            "  metrics.json: the same values as before (same sampler, size and seed as training)"
+            if not changed
             else "  metrics.json: recomputed with the training run's sampler, size and seed; changed: "
-            + ", ".join(f"{k} {previous.get(k)!r} -> {results.get(k)!r}" for k in changed[:6]))
+            + ", ".join(f"{k} {previous.get(k)!r} -> {results.get(k)!r}" for k in changed[:6])
+        )
     say(f"wrote {workdir}/: {', '.join(results['files'])} ({results['nfe']} model evaluations per sample)")
     return results
 
 
-def denoise_file(workdir, input_path, sigma: float, output_path, *,
-                 on_phase: Callable[[str], None] = _ignore) -> Path:
+def denoise_file(workdir, input_path, sigma: float, output_path, *, on_phase: Callable[[str], None] = _ignore) -> Path:
     """``dsm-jax denoise``: Tweedie-denoises the arrays of ``input_path`` into the ``.npy`` ``output_path``.
 
     ``E[x | y] = y + sigma^2 s(y, sigma)`` with the run's EMA model, for ``y``
@@ -927,12 +1094,15 @@ def denoise_file(workdir, input_path, sigma: float, output_path, *,
         chunk = 1024
 
         def work():
-            out = np.concatenate([np.asarray(fn(jnp.asarray(y[i:i + chunk]))) for i in range(0, y.shape[0], chunk)])
+            out = np.concatenate([np.asarray(fn(jnp.asarray(y[i : i + chunk]))) for i in range(0, y.shape[0], chunk)])
             write_atomic(outp, lambda p: np.save(open(p, "wb"), (out[0] if single else out).astype(np.float32)))
 
         on_phase(SAMPLING)
-        call_interruptibly(work, message=f"dsm-jax denoise: interrupted; {outp} was not written (nor changed).",
-                           cleanups=_interrupt_cleanups(outp.parent, lock))
+        call_interruptibly(
+            work,
+            message=f"dsm-jax denoise: interrupted; {outp} was not written (nor changed).",
+            cleanups=_interrupt_cleanups(outp.parent, lock),
+        )
     say(f"denoised {y.shape[0]} example(s) at sigma={sigma:g} (Tweedie: x + sigma^2 s(x, sigma)); wrote {outp}")
     return outp
 

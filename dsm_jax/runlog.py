@@ -25,14 +25,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional, Union
 
+from dsm_jax._utils import PathLike
 from dsm_jax.workdir import tmp_name
 
 __all__ = ["MetricsLogWarning", "read_metrics", "repair_metrics", "write_atomic"]
-
-PathLike = Union[str, os.PathLike]
 
 
 class MetricsLogWarning(RuntimeWarning):
@@ -70,7 +69,7 @@ def _parse(line: str):
     return record if isinstance(record, dict) else None
 
 
-def read_metrics(path: PathLike, *, events: bool = True) -> List[dict]:
+def read_metrics(path: PathLike, *, events: bool = True) -> list[dict]:
     """The records of a ``metrics.jsonl`` file, in file order, one step record per step.
 
     Lines that are not a JSON object (a partial write of a killed process, or
@@ -106,16 +105,12 @@ def read_metrics(path: PathLike, *, events: bool = True) -> List[dict]:
             records.append(record)
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) (line {shown}).", MetricsLogWarning,
-                      stacklevel=2)
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) (line {shown}).", MetricsLogWarning, stacklevel=2)
     latest = {r["step"]: i for i, r in enumerate(records) if _is_step_record(r)}
-    return [
-        r for i, r in enumerate(records)
-        if (latest[r["step"]] == i if _is_step_record(r) else events)
-    ]
+    return [r for i, r in enumerate(records) if (latest[r["step"]] == i if _is_step_record(r) else events)]
 
 
-def repair_metrics(path: PathLike, *, resume_step: Optional[int] = None) -> int:
+def repair_metrics(path: PathLike, *, resume_step: int | None = None) -> int:
     """Prepares ``metrics.jsonl`` for appending: drops a partial last line and the replayed step records.
 
     A last line without its newline is a write cut short by a kill: it is
@@ -147,13 +142,16 @@ def repair_metrics(path: PathLike, *, resume_step: Optional[int] = None) -> int:
     if tail:
         if _parse(tail) is None:
             dropped += 1
-            warnings.warn(f"{path}: dropped a partial last line (a write cut short): {tail[:80]!r}.",
-                          MetricsLogWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}: dropped a partial last line (a write cut short): {tail[:80]!r}.",
+                MetricsLogWarning,
+                stacklevel=2,
+            )
         else:
             lines.append(tail)
     for line in lines:
         record = _parse(line)
-        if resume_step is not None and _is_step_record(record) and record["step"] > resume_step:
+        if resume_step is not None and record is not None and _is_step_record(record) and record["step"] > resume_step:
             dropped += 1
         else:
             kept.append(line)

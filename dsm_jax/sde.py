@@ -64,7 +64,7 @@ from dsm_jax._checks import (
     check_state,
     is_concrete,
 )
-from dsm_jax._utils import LOG_2PI, to_batch, to_batch_expanded
+from dsm_jax._utils import LOG_2PI, dataclass_transform, to_batch, to_batch_expanded
 from dsm_jax.parameterization import ModelFn, check_parameterization, model_to_score
 
 __all__ = [
@@ -113,6 +113,7 @@ def _t_like(t, dtype=None) -> jax.Array:
     return jnp.asarray(t, dtype=dtype if dtype is not None else jnp.result_type(float))
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
 def _pytree(cls):
     """A frozen dataclass registered as a JAX pytree; fields made by :func:`_static` are metadata."""
     return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))

@@ -49,14 +49,15 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.experimental import checkify
 import numpy as np
 import optax
+from jax.experimental import checkify
 from tqdm.auto import tqdm
 
 from dsm_jax._checks import check_choice, check_positive_int, check_positive_number, runtime_checks_enabled
@@ -161,9 +162,7 @@ class TrainState:
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
     """The state at step 0: ``ema_params = params`` and ``optimizer.init(params)``."""
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=optimizer.init(params)
-    )
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=optimizer.init(params))
 
 
 def make_optimizer(
@@ -175,9 +174,9 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     warmup_steps: int = 0,
-    total_steps: Optional[int] = None,
+    total_steps: int | None = None,
     final_lr_fraction: float = 0.0,
-    grad_clip_norm: Optional[float] = 1.0,
+    grad_clip_norm: float | None = 1.0,
 ) -> optax.GradientTransformation:
     """Adam or AdamW with warmup, optional cosine decay and global-norm clipping.
 
@@ -250,9 +249,9 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     ema_decay: float = 0.999,
-    axis_name: Optional[str] = None,
+    axis_name: str | None = None,
     per_example_keys: bool = True,
-    loss_takes_key_batch: Optional[bool] = None,
+    loss_takes_key_batch: bool | None = None,
 ):
     """A pure ``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -335,7 +334,7 @@ def make_train_step(
     return train_step
 
 
-def make_multi_step(train_step: Callable, *, unroll: Union[int, bool] = 1) -> Callable:
+def make_multi_step(train_step: Callable, *, unroll: int | bool = 1) -> Callable:
     """``run_steps(state, stacked_batches, base_key) -> (state, stacked_metrics)``: ``k`` train steps in one call.
 
     The loop that :func:`train`, the experiments and the benchmarks run in
@@ -411,7 +410,7 @@ class _Batches:
     """The driver's view of ``data``: batch of step ``s`` and a checkpointable position."""
 
     def __init__(self, data):
-        self._source: Optional[DataSource] = None
+        self._source: DataSource | None = None
         if isinstance(data, DataSource):
             self._source = data
             self._batch_at: Callable[[int], Any] = lambda step: data.next_batch()
@@ -457,7 +456,7 @@ class _SignalFlag:
     """Records SIGTERM/SIGINT instead of dying; the driver saves at the next step boundary."""
 
     def __init__(self, enabled: bool):
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous = {}
         self._enabled = enabled and threading.current_thread() is threading.main_thread()
 
@@ -531,11 +530,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _progress_line(step: int, num_steps: int, loss: Optional[float], rate: float) -> str:
+def _progress_line(step: int, num_steps: int, loss: float | None, rate: float) -> str:
     """``step 200/3000  loss 0.4123  25.1 steps/s  ETA 0:01:51`` (the rate of the last log interval)."""
     loss_text = f"{loss:.4g}" if loss is not None else "nan"
-    return (f"step {step}/{num_steps}  loss {loss_text}  {rate:.1f} steps/s  "
-            f"ETA {_duration((num_steps - step) / max(rate, 1e-9))}")
+    return (
+        f"step {step}/{num_steps}  loss {loss_text}  {rate:.1f} steps/s  "
+        f"ETA {_duration((num_steps - step) / max(rate, 1e-9))}"
+    )
 
 
 def _device_call(run_steps: Callable, devices: list, base_key: jax.Array) -> Callable:
@@ -568,19 +569,23 @@ def _on_host(out):
     return state, jax.device_get(_unreplicate(metrics))
 
 
-def _nonfinite_error(step: int, name: str, value: float, ckpt: Optional[Checkpointer]) -> NonFiniteError:
+def _nonfinite_error(step: int, name: str, value: float, ckpt: Checkpointer | None) -> NonFiniteError:
     """The error of a non-finite ``name`` at ``step``, saying what was kept."""
     last = None if ckpt is None else ckpt.latest_step()
-    kept = ("training in memory, nothing was saved" if ckpt is None
-            else "no checkpoint was written yet" if last is None
-            else f"the last good checkpoint is step {last} in {ckpt.directory}")
+    kept = (
+        "training in memory, nothing was saved"
+        if ckpt is None
+        else "no checkpoint was written yet"
+        if last is None
+        else f"the last good checkpoint is step {last} in {ckpt.directory}"
+    )
     return NonFiniteError(
         f"non-finite {name} ({value}) at step {step} (the update computed from the batch of "
         f"step {step}); stopped before saving, {kept}."
     )
 
 
-def _restore_or_init(ckpt: Optional[Checkpointer], initial: TrainState, batches: _Batches, config: Any):
+def _restore_or_init(ckpt: Checkpointer | None, initial: TrainState, batches: _Batches, config: Any):
     """``(host_state, step, resumed)``: the latest readable checkpoint of ``ckpt``, or ``initial`` at step 0.
 
     On resume the data position is restored and a ``config`` differing from
@@ -620,7 +625,7 @@ class _MetricsLog:
     every ``log_every`` steps and at the end.
     """
 
-    def __init__(self, path: Optional[str], *, is_main: bool):
+    def __init__(self, path: str | None, *, is_main: bool):
         self.path = path if is_main else None
         self.is_main = is_main
         self.bar = tqdm(disable=True)  # replaced by the run's bar in start_progress
@@ -656,8 +661,9 @@ class _MetricsLog:
         rate = (step - self.last_log[0]) / max(now - self.last_log[1], 1e-9)
         record = {"step": step, **_summarise(self.history), "steps_per_sec": rate, "elapsed_sec": now - self.start_time}
         self.event(record)
-        self.bar.set_postfix(loss=f"{record['loss']:.4g}" if record["loss"] is not None else "nan",
-                             steps_per_sec=f"{rate:.1f}")
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4g}" if record["loss"] is not None else "nan", steps_per_sec=f"{rate:.1f}"
+        )
         if self.show_lines:
             tqdm.write(_progress_line(step, self.num_steps, record["loss"], rate), file=sys.stdout)
             sys.stdout.flush()
@@ -670,24 +676,24 @@ class _MetricsLog:
 def train(
     loss_fn: LossFn,
     params: Any,
-    data: Union[Callable[[int], Any], DataSource],
+    data: Callable[[int], Any] | DataSource,
     *,
     num_steps: int,
-    workdir: Union[str, os.PathLike, None] = None,
-    optimizer: Optional[optax.GradientTransformation] = None,
+    workdir: str | os.PathLike | None = None,
+    optimizer: optax.GradientTransformation | None = None,
     seed: int = 0,
     ema_decay: float = 0.999,
     steps_per_call: int = 1,
     save_every: int = 1000,
     keep: int = 3,
     log_every: int = 100,
-    config: Optional[dict] = None,
+    config: dict | None = None,
     quiet: bool = False,
-    devices: Optional[Sequence[Any]] = None,
+    devices: Sequence[Any] | None = None,
     per_example_keys: bool = True,
     handle_signals: bool = True,
-    unroll: Union[int, bool] = 1,
-    loss_takes_key_batch: Optional[bool] = None,
+    unroll: int | bool = 1,
+    loss_takes_key_batch: bool | None = None,
 ) -> TrainState:
     """Trains ``params`` on ``loss_fn`` with data parallelism, EMA, checkpoints and exact resume.
 
@@ -797,13 +803,23 @@ def train(
         if is_main:
             os.makedirs(workdir, exist_ok=True)
 
-    train_step = make_train_step(loss_fn, optimizer, ema_decay=ema_decay, axis_name=AXIS,
-                                 per_example_keys=per_example_keys, loss_takes_key_batch=loss_takes_key_batch)
+    train_step = make_train_step(
+        loss_fn,
+        optimizer,
+        ema_decay=ema_decay,
+        axis_name=AXIS,
+        per_example_keys=per_example_keys,
+        loss_takes_key_batch=loss_takes_key_batch,
+    )
     call = _device_call(make_multi_step(train_step, unroll=unroll), devices, jax.random.key(seed))
     initial = jax.device_get(create_train_state(params, optimizer))
 
     with contextlib.ExitStack() as stack:
-        ckpt = None if workdir is None else stack.enter_context(Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep))
+        ckpt = (
+            None
+            if workdir is None
+            else stack.enter_context(Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep))
+        )
         host_state, step, resumed = _restore_or_init(ckpt, initial, batches, config)
         log = _MetricsLog(None if workdir is None else os.path.join(workdir, "metrics.jsonl"), is_main=is_main)
         log.repair(resume_step=step)

@@ -35,7 +35,8 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import List, Optional, Union
+
+from dsm_jax._utils import PathLike
 
 __all__ = [
     "LOCK_NAME",
@@ -49,7 +50,6 @@ __all__ = [
     "tmp_name",
 ]
 
-PathLike = Union[str, os.PathLike]
 
 LOCK_NAME = ".dsm-jax.lock"
 
@@ -95,7 +95,7 @@ def _is_dsm_jax_config(path: Path) -> bool:
         return False
 
 
-def foreign_entries(workdir: PathLike) -> List[str]:
+def foreign_entries(workdir: PathLike) -> list[str]:
     """Sorted names of the entries of ``workdir`` that no run wrote (a ``config.json`` that is
     not a dsm-jax config counts as foreign, and so does a ``checkpoints`` that is not a directory)."""
     workdir = Path(workdir)
@@ -115,7 +115,7 @@ def _contains(parent: Path, child: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def clear_run_files(workdir: PathLike, *, keep: Optional[PathLike] = None) -> List[str]:
+def clear_run_files(workdir: PathLike, *, keep: PathLike | None = None) -> list[str]:
     """Deletes what a run wrote in ``workdir`` (:data:`RUN_FILES`) and nothing else.
 
     Nothing is deleted when ``workdir`` holds any other entry, or when a run
@@ -160,7 +160,7 @@ def clear_run_files(workdir: PathLike, *, keep: Optional[PathLike] = None) -> Li
     return [e.name for e in doomed]
 
 
-def remove_tmp_files(workdir: PathLike, pid: Optional[int] = None) -> List[str]:
+def remove_tmp_files(workdir: PathLike, pid: int | None = None) -> list[str]:
     """Deletes the temporaries of atomic writes made by process ``pid`` (default: this one) in ``workdir``."""
     workdir = Path(workdir)
     pid = os.getpid() if pid is None else pid
@@ -203,21 +203,22 @@ class WorkdirLock:
         self.workdir = Path(workdir)
         self.path = self.workdir / LOCK_NAME
         self.command = command
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         if self._fd is not None:
             return self
         for _ in range(100):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
-                raise OSError(err.errno, f"cannot lock the work directory ({err.strerror})",
-                              os.fspath(self.workdir)) from None
+                raise OSError(
+                    err.errno, f"cannot lock the work directory ({err.strerror})", os.fspath(self.workdir)
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -246,8 +247,12 @@ class WorkdirLock:
         raise RuntimeError(f"could not lock {os.fspath(self.path)!r}: it keeps being replaced.")
 
     def _write_holder(self, fd: int) -> None:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         data = (json.dumps(info) + "\n").encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
@@ -257,8 +262,7 @@ class WorkdirLock:
     def _describe_holder(fd: int) -> str:
         try:
             info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-            return (f"pid {info['pid']} on host {info['host']} (dsm-jax {info['command']}, "
-                    f"since {info['since']})")
+            return f"pid {info['pid']} on host {info['host']} (dsm-jax {info['command']}, since {info['since']})"
         except (OSError, ValueError, KeyError, TypeError):
             return "another process (it holds the lock but has not written its pid yet)"
 
@@ -272,7 +276,7 @@ class WorkdirLock:
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

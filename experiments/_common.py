@@ -16,13 +16,15 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
+
+import jax
+import numpy as np
 
 import dsm_jax  # noqa: F401  (XLA CPU workaround before the first computation)
 from dsm_jax import runlog
-import jax
-import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -32,7 +34,7 @@ def quick_from_env() -> bool:
     return os.environ.get("DSM_JAX_QUICK", "").strip().lower() in ("1", "true", "yes")
 
 
-def parse_args(description: str, argv: Optional[list] = None, **extra) -> argparse.Namespace:
+def parse_args(description: str, argv: list | None = None, **extra) -> argparse.Namespace:
     """``--quick`` and ``--out`` (plus ``extra`` as ``name=(type, default, help)``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny budgets, for the tests (also DSM_JAX_QUICK=1)")
@@ -136,9 +138,9 @@ def fit(
     learning_rate: float = 1e-3,
     seed: int = 0,
     ema_decay: float = 0.999,
-    steps_per_call: Optional[int] = None,
-    time_budget: Optional[float] = None,
-    grad_clip_norm: Optional[float] = 1.0,
+    steps_per_call: int | None = None,
+    time_budget: float | None = None,
+    grad_clip_norm: float | None = 1.0,
 ) -> tuple:
     """In-memory training on one device with the library's loop (:func:`dsm_jax.train.make_multi_step`).
 

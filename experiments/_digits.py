@@ -14,8 +14,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-
 from _common import RESULTS_DIR
+
 from dsm_jax.config import get_preset
 from dsm_jax.models import init_params
 from dsm_jax.run import build_run, load_trained, train_and_sample
@@ -24,8 +24,9 @@ from dsm_jax.run import build_run, load_trained, train_and_sample
 def digits_run(quick: bool):
     """``(run, ema_params)`` of the digits preset."""
     if quick:
-        config = dataclasses.replace(get_preset("digits"), channels=8, channel_mults=(1,), num_sigmas=4,
-                                     steps_per_sigma=2)
+        config = dataclasses.replace(
+            get_preset("digits"), channels=8, channel_mults=(1,), num_sigmas=4, steps_per_sigma=2
+        )
         run = build_run(config)
         return run, init_params(run.model, jax.random.key(0), jnp.asarray(run.dataset.train[:1]))
     workdir = RESULTS_DIR / "_cache" / "digits"

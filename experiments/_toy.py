@@ -8,13 +8,13 @@ Everything else comes from the library and ``_common``.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _common as C
 from dsm_jax.data import BatchSource
 from dsm_jax.metrics import fisher_divergence, mmd2, mmd2_floor, mode_weights, per_sigma_fisher_divergence
 from dsm_jax.models import NoiseConditionalMLP, init_params, make_model_fn
@@ -41,7 +41,9 @@ def fisher_on_points(model_fn, mixture, sigmas, x) -> np.ndarray:
     def table(levels, points):  # points as an argument, not a constant XLA would try to fold
         def one(sigma):
             sigma_b = jnp.full((points.shape[0],), sigma, points.dtype)
-            return fisher_divergence(lambda z: model_fn(z, sigma_b), mixture.convolve(sigma).score, points, relative=True)
+            return fisher_divergence(
+                lambda z: model_fn(z, sigma_b), mixture.convolve(sigma).score, points, relative=True
+            )
 
         return jax.lax.map(one, levels)
 
@@ -55,8 +57,11 @@ def relative_fisher(score_fn: Callable, target_score_fn: Callable, x) -> float:
 
 def per_sigma_fisher(model_fn, mixture, sigmas, key, *, parameterization: str = "score", num_samples: int = 4000):
     """Relative Fisher divergence to the exact noised score at every level, ``[L]`` numpy (jitted)."""
-    run = jax.jit(lambda k: per_sigma_fisher_divergence(
-        model_fn, mixture, jnp.asarray(sigmas), k, num_samples=num_samples, parameterization=parameterization))
+    run = jax.jit(
+        lambda k: per_sigma_fisher_divergence(
+            model_fn, mixture, jnp.asarray(sigmas), k, num_samples=num_samples, parameterization=parameterization
+        )
+    )
     return np.asarray(run(key).relative)
 
 
@@ -80,7 +85,7 @@ def train_dsm(
     sigma_sampling: str = "all",
     scale_by_sigma: bool = False,
     learning_rate: float = 1e-3,
-    model: Optional[NoiseConditionalMLP] = None,
+    model: NoiseConditionalMLP | None = None,
     quick: bool = False,
 ):
     """Multi-scale DSM (one level is single-sigma DSM) of an MLP on ``data``.
@@ -92,16 +97,29 @@ def train_dsm(
     model = mlp(quick) if model is None else model
     params = init_params(model, jax.random.key(seed + 1), jnp.asarray(data[:1]))
     loss_fn = make_dsm_loss_fn(
-        model, jnp.asarray(sigmas), weighting=weighting, parameterization=parameterization,
-        sigma_sampling=sigma_sampling, scale_by_sigma=scale_by_sigma,
+        model,
+        jnp.asarray(sigmas),
+        weighting=weighting,
+        parameterization=parameterization,
+        sigma_sampling=sigma_sampling,
+        scale_by_sigma=scale_by_sigma,
     )
     batches = BatchSource(data, batch_size, seed=seed)
     state, info = C.fit(loss_fn, params, batches, num_steps=steps, learning_rate=learning_rate, seed=seed)
     return make_model_fn(model, state.ema_params, scale_by_sigma=scale_by_sigma), info
 
 
-def annealed_samples(model_fn, sigmas, key, n: int, *, steps_per_sigma: int, parameterization: str = "score",
-                     dim: int = 2, return_trajectory: bool = False):
+def annealed_samples(
+    model_fn,
+    sigmas,
+    key,
+    n: int,
+    *,
+    steps_per_sigma: int,
+    parameterization: str = "score",
+    dim: int = 2,
+    return_trajectory: bool = False,
+):
     """Annealed Langevin from ``sigma_1 N(0, I)``, step size by NCSNv2's technique 4.
 
     Returns:
@@ -111,9 +129,18 @@ def annealed_samples(model_fn, sigmas, key, n: int, *, steps_per_sigma: int, par
     step_lr = 2.0 * ncsnv2_step_size(np.asarray(sigmas), steps_per_sigma)
     k0, k1 = jax.random.split(key)
     x0 = sigmas[0] * jax.random.normal(k0, (n, dim))
-    run = jax.jit(lambda x0, k: annealed_langevin(
-        model_fn, x0, k, sigmas, steps_per_sigma=steps_per_sigma, step_lr=step_lr,
-        parameterization=parameterization, return_trajectory=return_trajectory))
+    run = jax.jit(
+        lambda x0, k: annealed_langevin(
+            model_fn,
+            x0,
+            k,
+            sigmas,
+            steps_per_sigma=steps_per_sigma,
+            step_lr=step_lr,
+            parameterization=parameterization,
+            return_trajectory=return_trajectory,
+        )
+    )
     out = run(x0, k1)
     samples, traj = out if return_trajectory else (out, None)
     return np.asarray(samples), traj, step_lr
@@ -180,8 +207,18 @@ def quiver(ax, score_fn: Callable, *, lim: float = 4.5, num: int = 19, title: st
     u = v / np.maximum(norm, 1e-12)
     if background is not None:
         ax.scatter(background[:, 0], background[:, 1], s=2, linewidths=0, color="lightsteelblue")
-    ax.quiver(grid[:, 0], grid[:, 1], u[:, 0], u[:, 1], np.log10(norm[:, 0] + 1e-12), angles="xy",
-              cmap="viridis", pivot="mid", scale=num * 1.2, width=0.004)
+    ax.quiver(
+        grid[:, 0],
+        grid[:, 1],
+        u[:, 0],
+        u[:, 1],
+        np.log10(norm[:, 0] + 1e-12),
+        angles="xy",
+        cmap="viridis",
+        pivot="mid",
+        scale=num * 1.2,
+        width=0.004,
+    )
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import math
 
+import _common as C
 import jax
 import numpy as np
 
-import _common as C
 from dsm_jax.losses import dsm_loss, explicit_score_matching_loss, sliced_score_matching_loss
 from dsm_jax.models import NoiseConditionalMLP, init_params, make_model_fn
 from dsm_jax.train import create_train_state, make_optimizer, make_train_step
@@ -49,8 +49,9 @@ def loss_for(method: str, model, *, chunk_size=ESM_CHUNK):
         if method == "esm":
             return explicit_score_matching_loss(score_fn, x, chunk_size=chunk_size)
         if method.startswith("ssm_vr_"):
-            return sliced_score_matching_loss(score_fn, x, key, num_projections=int(method.rsplit("_", 1)[1]),
-                                              variance_reduction=True)
+            return sliced_score_matching_loss(
+                score_fn, x, key, num_projections=int(method.rsplit("_", 1)[1]), variance_reduction=True
+            )
         return dsm_loss(model_fn, x, SIGMA, key)
 
     return loss_fn
@@ -77,7 +78,7 @@ def compiled_step(loss_fn, state, optimizer, x, key, *, quick=False):
 
 def loglog_slope(ds, ts):
     """Least-squares slope of log t on log d (None with fewer than 2 points)."""
-    pts = [(d, t) for d, t in zip(ds, ts) if t is not None]
+    pts = [(d, t) for d, t in zip(ds, ts, strict=False) if t is not None]
     if len(pts) < 2:
         return None
     x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
@@ -85,7 +86,11 @@ def loglog_slope(ds, ts):
 
 
 def main(argv=None):
-    args = C.parse_args(__doc__.splitlines()[0], argv, esm_budget=(float, 120.0, "skip ESM at a d whose predicted timing exceeds this many seconds"))
+    args = C.parse_args(
+        __doc__.splitlines()[0],
+        argv,
+        esm_budget=(float, 120.0, "skip ESM at a d whose predicted timing exceeds this many seconds"),
+    )
     dims = [2, 8] if args.quick else [2, 8, 32, 128, 512, 1024, 3072]
     batch = 4 if args.quick else 32
     width, depth = (16, 1) if args.quick else (128, 2)
@@ -117,10 +122,13 @@ def main(argv=None):
             rows[method]["seconds"].append(seconds)
             rows[method]["temp_bytes"].append(None if memory is None else memory["temp_bytes"])
             rows[method]["argument_output_bytes"].append(
-                None if memory is None else memory["argument_bytes"] + memory["output_bytes"])
+                None if memory is None else memory["argument_bytes"] + memory["output_bytes"]
+            )
             if seconds is not None:
-                print(f"d={d:5d} {method:9s} {seconds * 1e3:10.2f} ms/step  temp "
-                      f"{(memory or {}).get('temp_bytes', 0) / 2**20:9.1f} MiB")
+                print(
+                    f"d={d:5d} {method:9s} {seconds * 1e3:10.2f} ms/step  temp "
+                    f"{(memory or {}).get('temp_bytes', 0) / 2**20:9.1f} MiB"
+                )
         if d > ESM_CHUNK:  # what the unchunked trace would hold (compiled only, not run)
             _, memory = compiled_step(loss_for("esm", model, chunk_size=None), state, optimizer, x, key)
             esm_unchunked_temp.append({"d": d, "temp_bytes": None if memory is None else memory["temp_bytes"]})
@@ -133,7 +141,7 @@ def main(argv=None):
         }
         for m in methods
     }
-    ratio = [None if e is None else e / s for e, s in zip(rows["esm"]["seconds"], rows["dsm"]["seconds"])]
+    ratio = [None if e is None else e / s for e, s in zip(rows["esm"]["seconds"], rows["dsm"]["seconds"], strict=False)]
     results = {
         "dims": dims,
         "per_method": rows,
@@ -144,10 +152,17 @@ def main(argv=None):
         "esm_skipped": esm_skipped,
         "num_params": params_count,
     }
-    settings = {"batch_size": batch, "width": width, "depth": depth, "repeats": repeats, "esm_chunk_size": ESM_CHUNK,
-                "dsm_sigma": SIGMA, "esm_budget_seconds": args.esm_budget,
-                "timing": "median wall time of the compiled jitted train step (loss + grad + Adam), warm-up excluded",
-                "memory": "compiled.memory_analysis(): temp_size (XLA temporaries); argument+output sizes"}
+    settings = {
+        "batch_size": batch,
+        "width": width,
+        "depth": depth,
+        "repeats": repeats,
+        "esm_chunk_size": ESM_CHUNK,
+        "dsm_sigma": SIGMA,
+        "esm_budget_seconds": args.esm_budget,
+        "timing": "median wall time of the compiled jitted train step (loss + grad + Adam), warm-up excluded",
+        "memory": "compiled.memory_analysis(): temp_size (XLA temporaries); argument+output sizes",
+    }
     C.save_results(args, NAME, results, settings)
     for m in methods:
         print(f"{m:9s} slope (all d) {slopes[m]['all_d']}, (d >= 128) {slopes[m]['d_ge_128']}")
@@ -157,7 +172,7 @@ def main(argv=None):
 
 def _predicted_esm_seconds(dims, measured, d):
     """Extrapolates the ESM step time to ``d`` from the last two measured dimensions (log-log)."""
-    pts = [(dd, t) for dd, t in zip(dims, measured) if t is not None]
+    pts = [(dd, t) for dd, t in zip(dims, measured, strict=False) if t is not None]
     if len(pts) < 2:
         return None
     (d0, t0), (d1, t1) = pts[-2], pts[-1]
@@ -172,20 +187,24 @@ def _figure(args, dims, rows, slopes, ratio):
     ax_t, ax_r, ax_m = fig.subplots(1, 3)
     labels = {"esm": "ESM (exact trace)", "ssm_vr_1": "SSM-VR, 1 proj.", "ssm_vr_4": "SSM-VR, 4 proj.", "dsm": "DSM"}
     for m in rows:
-        pts = [(d, t) for d, t in zip(dims, rows[m]["seconds"]) if t is not None]
+        pts = [(d, t) for d, t in zip(dims, rows[m]["seconds"], strict=False) if t is not None]
         if pts:
             s = slopes[m]["d_ge_128"]
-            ax_t.loglog(*zip(*pts), "o-", label=f"{labels[m]} (slope d>=128: {s:.2f})" if s is not None else labels[m])
-        mem = [(d, b / 2**20) for d, b in zip(dims, rows[m]["temp_bytes"]) if b]
+            ax_t.loglog(
+                *zip(*pts, strict=False),
+                "o-",
+                label=f"{labels[m]} (slope d>=128: {s:.2f})" if s is not None else labels[m],
+            )
+        mem = [(d, b / 2**20) for d, b in zip(dims, rows[m]["temp_bytes"], strict=False) if b]
         if mem:
-            ax_m.loglog(*zip(*mem), "o-", label=labels[m])
+            ax_m.loglog(*zip(*mem, strict=False), "o-", label=labels[m])
     ax_t.set_xlabel("d")
     ax_t.set_ylabel("seconds per training step")
     ax_t.legend(fontsize=7)
     ax_t.set_title("time per step (batch 32)", fontsize=9)
-    pts = [(d, r) for d, r in zip(dims, ratio) if r is not None]
+    pts = [(d, r) for d, r in zip(dims, ratio, strict=False) if r is not None]
     if pts:
-        ax_r.loglog(*zip(*pts), "o-", color="tab:red")
+        ax_r.loglog(*zip(*pts, strict=False), "o-", color="tab:red")
         ax_r.loglog(dims, np.asarray(dims) / dims[0] * pts[0][1], ":", color="gray", label="~ d")
         ax_r.legend(fontsize=7)
     ax_r.set_xlabel("d")

@@ -15,12 +15,12 @@ weights and the per-cluster spread.
 
 from __future__ import annotations
 
+import _common as C
+import _toy as T
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _common as C
-import _toy as T
 from dsm_jax.data import two_clusters_mixture
 from dsm_jax.metrics import mode_weights
 from dsm_jax.samplers import langevin
@@ -47,8 +47,11 @@ def main(argv=None):
     rel_clean = T.relative_fisher(score, mixture.score, T.draw(mixture, jax.random.fold_in(key, 3), 10_000))
 
     x0 = 3.0 * jax.random.normal(jax.random.fold_in(key, 4), (n, 2))
-    run = jax.jit(lambda x0, k: langevin(score, x0, k, step_size=0.01, num_steps=langevin_steps,
-                                         return_trajectory=True, trajectory_every=5))
+    run = jax.jit(
+        lambda x0, k: langevin(
+            score, x0, k, step_size=0.01, num_steps=langevin_steps, return_trajectory=True, trajectory_every=5
+        )
+    )
     samples, traj = run(x0, jax.random.fold_in(key, 5))
     samples = np.asarray(samples)
     held_noisy = np.asarray(T.draw(noised, jax.random.fold_in(key, 6), n))
@@ -72,8 +75,14 @@ def main(argv=None):
         "train_seconds": info["seconds"],
         "final_loss": info["losses"][-1],
     }
-    settings = {"sigma": SIGMA, "steps": steps, "batch_size": 256, "learning_rate": 1e-3, "model": "MLP 128x3",
-                "langevin": {"step_size": 0.01, "num_steps": langevin_steps, "init": "3 N(0, I)", "n": n}}
+    settings = {
+        "sigma": SIGMA,
+        "steps": steps,
+        "batch_size": 256,
+        "learning_rate": 1e-3,
+        "model": "MLP 128x3",
+        "langevin": {"step_size": 0.01, "num_steps": langevin_steps, "init": "3 N(0, I)", "n": n},
+    }
     C.save_results(args, NAME, results, settings)
     ratios = {f"{law}_{h}": round(v["ratio_to_floor"], 2) for law, d in mmd.items() for h, v in d.items()}
     print(f"relative Fisher: vs p_sigma {rel_noised:.4f}, vs p {rel_clean:.4f}; MMD^2 / floor {ratios}")
@@ -93,8 +102,10 @@ def main(argv=None):
     ax.set_ylim(-4.5, 4.5)
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=7, markerscale=4)
-    ax.set_title(f"MMD^2 (h=0.5) vs p_sigma: {ratios['p_sigma_h_0.5']:.1f} floors; vs p: "
-                 f"{ratios['p_data_h_0.5']:.1f}", fontsize=9)
+    ax.set_title(
+        f"MMD^2 (h=0.5) vs p_sigma: {ratios['p_sigma_h_0.5']:.1f} floors; vs p: {ratios['p_data_h_0.5']:.1f}",
+        fontsize=9,
+    )
     C.save_figure(fig, args, NAME)
     return results
 

@@ -15,11 +15,11 @@ arm spacing is ~0.6). The figure shows the learned field at four levels.
 
 from __future__ import annotations
 
+import _common as C
+import _toy as T
 import jax
 import numpy as np
 
-import _common as C
-import _toy as T
 from dsm_jax.data import swiss_roll
 from dsm_jax.noise import geometric_sigmas, ncsnv2_sigma_max
 
@@ -41,8 +41,9 @@ def main(argv=None):
     sigmas = np.asarray(geometric_sigmas(sigma_max, SIGMA_MIN, NUM_LEVELS))
 
     model_fn, info = T.train_dsm(train, sigmas, steps=steps, seed=args.seed, scale_by_sigma=True, quick=args.quick)
-    samples, traj, step_lr = T.annealed_samples(model_fn, sigmas, jax.random.fold_in(key, 2), n,
-                                                steps_per_sigma=steps_per_sigma, return_trajectory=True)
+    samples, traj, step_lr = T.annealed_samples(
+        model_fn, sigmas, jax.random.fold_in(key, 2), n, steps_per_sigma=steps_per_sigma, return_trajectory=True
+    )
     mmd = T.mmd_two_bandwidths(samples, draw, test, jax.random.fold_in(key, 3), 0.2)
     # A yardstick: fresh data blurred by N(0, 0.3^2 I), scored the same way.
     fresh = np.asarray(draw(jax.random.fold_in(key, 4), n))
@@ -58,9 +59,17 @@ def main(argv=None):
         "train_seconds": info["seconds"],
         "final_loss": info["losses"][-1],
     }
-    settings = {"sigmas": sigmas, "weighting": "sigma2", "parameterization": "score / sigma (NCSNv2)",
-                "sigma_sampling": "all", "steps": steps, "batch_size": 256, "learning_rate": 1e-3,
-                "model": "MLP 128x3", "sampler": {"steps_per_sigma": steps_per_sigma, "n": n, "final_denoise": True}}
+    settings = {
+        "sigmas": sigmas,
+        "weighting": "sigma2",
+        "parameterization": "score / sigma (NCSNv2)",
+        "sigma_sampling": "all",
+        "steps": steps,
+        "batch_size": 256,
+        "learning_rate": 1e-3,
+        "model": "MLP 128x3",
+        "sampler": {"steps_per_sigma": steps_per_sigma, "n": n, "final_denoise": True},
+    }
     C.save_results(args, NAME, results, settings)
     print({k: round(v["ratio_to_floor"], 2) for k, v in mmd.items()}, "(MMD^2 / floor)")
     _figure(args, model_fn, sigmas, train, test, samples, mmd)
@@ -72,9 +81,14 @@ def _figure(args, model_fn, sigmas, train, test, samples, mmd):
 
     fig = Figure(figsize=(12, 2.7), layout="constrained")
     axes = fig.subplots(1, 5)
-    for ax, i in zip(axes[:4], (0, 3, 6, len(sigmas) - 1)):
-        T.quiver(ax, T.sigma_fn(model_fn, float(sigmas[i])), lim=3.2, background=train[:800],
-                 title=f"learned score, sigma = {sigmas[i]:.3g}")
+    for ax, i in zip(axes[:4], (0, 3, 6, len(sigmas) - 1), strict=False):
+        T.quiver(
+            ax,
+            T.sigma_fn(model_fn, float(sigmas[i])),
+            lim=3.2,
+            background=train[:800],
+            title=f"learned score, sigma = {sigmas[i]:.3g}",
+        )
     ax = axes[4]
     ax.scatter(test[:1000, 0], test[:1000, 1], s=2, linewidths=0, color="tab:blue", label="held-out data")
     ax.scatter(samples[:1000, 0], samples[:1000, 1], s=2, linewidths=0, color="tab:red", label="annealed Langevin")
@@ -82,8 +96,11 @@ def _figure(args, model_fn, sigmas, train, test, samples, mmd):
     ax.set_ylim(-3.2, 3.2)
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=7, markerscale=4)
-    ax.set_title(f"MMD^2: {mmd['h_median']['ratio_to_floor']:.1f} floors (median h), "
-                 f"{mmd['h_0.2']['ratio_to_floor']:.1f} (h=0.2)", fontsize=9)
+    ax.set_title(
+        f"MMD^2: {mmd['h_median']['ratio_to_floor']:.1f} floors (median h), "
+        f"{mmd['h_0.2']['ratio_to_floor']:.1f} (h=0.2)",
+        fontsize=9,
+    )
     C.save_figure(fig, args, NAME)
 
 

@@ -19,11 +19,11 @@ against the exact noised mixture score.
 
 from __future__ import annotations
 
+import _common as C
+import _toy as T
 import jax
 import numpy as np
 
-import _common as C
-import _toy as T
 from dsm_jax.data import eight_gaussians_mixture
 from dsm_jax.noise import geometric_sigmas
 
@@ -45,10 +45,24 @@ def main(argv=None):
     names = ("score", "x0") if args.quick else tuple(VARIANTS)
     for name in names:
         parameterization, scale_by_sigma = VARIANTS[name]
-        model_fn, info = T.train_dsm(train, sigmas, steps=steps, seed=args.seed, batch_size=128,
-                                     parameterization=parameterization, scale_by_sigma=scale_by_sigma, quick=args.quick)
-        rel = T.per_sigma_fisher(model_fn, mixture, sigmas, jax.random.fold_in(key, 1),
-                                 parameterization=parameterization, num_samples=num_eval)
+        model_fn, info = T.train_dsm(
+            train,
+            sigmas,
+            steps=steps,
+            seed=args.seed,
+            batch_size=128,
+            parameterization=parameterization,
+            scale_by_sigma=scale_by_sigma,
+            quick=args.quick,
+        )
+        rel = T.per_sigma_fisher(
+            model_fn,
+            mixture,
+            sigmas,
+            jax.random.fold_in(key, 1),
+            parameterization=parameterization,
+            num_samples=num_eval,
+        )
         per_variant[name] = {
             "relative_fisher_per_sigma": rel,
             "mean_relative_fisher": float(np.mean(rel)),
@@ -60,9 +74,16 @@ def main(argv=None):
         print(f"{name:12s} mean rel. Fisher {np.mean(rel):.4f}  at sigma_min {rel[-1]:.4f}  worst {np.max(rel):.4f}")
 
     results = {"sigmas": sigmas, "per_variant": per_variant}
-    settings = {"steps": steps, "batch_size": 128, "weighting": "sigma2", "sigma_sampling": "all",
-                "learning_rate": 1e-3, "model": "MLP 128x3", "eval_points_per_sigma": num_eval,
-                "data": "eight_gaussians_mixture(radius=2, std=0.25)"}
+    settings = {
+        "steps": steps,
+        "batch_size": 128,
+        "weighting": "sigma2",
+        "sigma_sampling": "all",
+        "learning_rate": 1e-3,
+        "model": "MLP 128x3",
+        "eval_points_per_sigma": num_eval,
+        "data": "eight_gaussians_mixture(radius=2, std=0.25)",
+    }
     C.save_results(args, NAME, results, settings)
 
     from matplotlib.figure import Figure

@@ -17,11 +17,11 @@ the fraction of samples farther than 3 std from every mode).
 
 from __future__ import annotations
 
+import _common as C
+import _toy as T
 import jax
 import numpy as np
 
-import _common as C
-import _toy as T
 from dsm_jax.data import eight_gaussians_mixture
 from dsm_jax.noise import geometric_sigmas
 
@@ -43,10 +43,20 @@ def main(argv=None):
 
     per_weighting, samples_of = {}, {}
     for weighting in WEIGHTINGS[::2] if args.quick else WEIGHTINGS:
-        model_fn, info = T.train_dsm(train, sigmas, steps=steps, seed=args.seed, batch_size=128, weighting=weighting,
-                                     scale_by_sigma=True, quick=args.quick)
+        model_fn, info = T.train_dsm(
+            train,
+            sigmas,
+            steps=steps,
+            seed=args.seed,
+            batch_size=128,
+            weighting=weighting,
+            scale_by_sigma=True,
+            quick=args.quick,
+        )
         rel = T.per_sigma_fisher(model_fn, mixture, sigmas, jax.random.fold_in(key, 2), num_samples=num_eval)
-        samples, _, _ = T.annealed_samples(model_fn, sigmas, jax.random.fold_in(key, 3), n, steps_per_sigma=steps_per_sigma)
+        samples, _, _ = T.annealed_samples(
+            model_fn, sigmas, jax.random.fold_in(key, 3), n, steps_per_sigma=steps_per_sigma
+        )
         samples_of[weighting] = samples
         per_weighting[weighting] = {
             "relative_fisher_per_sigma": rel,
@@ -56,15 +66,27 @@ def main(argv=None):
             "train_seconds": info["seconds"],
         }
         r = per_weighting[weighting]
-        print(f"{weighting:10s} mean rel. Fisher {r['mean_relative_fisher']:.4f}  MMD^2/floor (h=0.25) "
-              f"{r['mmd']['h_0.25']['ratio_to_floor']:.2f}  TV {r['mode_weights_tv']:.3f}  off-mode {r['off_mode_fraction']:.3f}")
+        print(
+            f"{weighting:10s} mean rel. Fisher {r['mean_relative_fisher']:.4f}  MMD^2/floor (h=0.25) "
+            f"{r['mmd']['h_0.25']['ratio_to_floor']:.2f}  TV {r['mode_weights_tv']:.3f}  off-mode {r['off_mode_fraction']:.3f}"
+        )
 
-    results = {"sigmas": sigmas, "per_weighting": per_weighting,
-               "off_mode_fraction_of_exact_samples": float(np.exp(-9.0 / 2))}
-    settings = {"steps": steps, "batch_size": 128, "parameterization": "score / sigma (NCSNv2)",
-                "sigma_sampling": "all", "learning_rate": 1e-3, "model": "MLP 128x3",
-                "sampler": {"steps_per_sigma": steps_per_sigma, "n": n}, "eval_points_per_sigma": num_eval,
-                "data": "eight_gaussians_mixture(radius=2, std=0.25)"}
+    results = {
+        "sigmas": sigmas,
+        "per_weighting": per_weighting,
+        "off_mode_fraction_of_exact_samples": float(np.exp(-9.0 / 2)),
+    }
+    settings = {
+        "steps": steps,
+        "batch_size": 128,
+        "parameterization": "score / sigma (NCSNv2)",
+        "sigma_sampling": "all",
+        "learning_rate": 1e-3,
+        "model": "MLP 128x3",
+        "sampler": {"steps_per_sigma": steps_per_sigma, "n": n},
+        "eval_points_per_sigma": num_eval,
+        "data": "eight_gaussians_mixture(radius=2, std=0.25)",
+    }
     C.save_results(args, NAME, results, settings)
     _figure(args, sigmas, per_weighting, samples_of, test)
     return results
@@ -81,15 +103,17 @@ def _figure(args, sigmas, per_weighting, samples_of, test):
     axes[0].set_xlabel("sigma")
     axes[0].set_ylabel("relative Fisher divergence")
     axes[0].legend(fontsize=8)
-    for ax, (w, samples) in zip(axes[1:], samples_of.items()):
+    for ax, (w, samples) in zip(axes[1:], samples_of.items(), strict=False):
         ax.scatter(test[:800, 0], test[:800, 1], s=2, linewidths=0, color="tab:blue")
         ax.scatter(samples[:800, 0], samples[:800, 1], s=2, linewidths=0, color="tab:red")
         ax.set_xlim(-3.2, 3.2)
         ax.set_ylim(-3.2, 3.2)
         ax.set_aspect("equal")
         r = per_weighting[w]
-        ax.set_title(f"{labels[w]}: MMD^2 (h=0.25) {r['mmd']['h_0.25']['ratio_to_floor']:.1f} floors, TV {r['mode_weights_tv']:.2f}",
-                     fontsize=9)
+        ax.set_title(
+            f"{labels[w]}: MMD^2 (h=0.25) {r['mmd']['h_0.25']['ratio_to_floor']:.1f} floors, TV {r['mode_weights_tv']:.2f}",
+            fontsize=9,
+        )
     C.save_figure(fig, args, NAME)
 
 

@@ -21,11 +21,11 @@ and over a uniform box [-4, 4]^2 (the low-density regions Langevin starts in).
 
 from __future__ import annotations
 
+import _common as C
+import _toy as T
 import jax
 import numpy as np
 
-import _common as C
-import _toy as T
 from dsm_jax.distributions import GaussianMixture
 from dsm_jax.noise import geometric_sigmas, ncsnv2_step_size
 from dsm_jax.samplers import langevin
@@ -58,15 +58,21 @@ def main(argv=None):
     num_langevin = steps_per_sigma * len(SIGMAS)
 
     variants = {}
-    singles = [("single_sigma_0.01", SIGMAS[-1:]), ("single_sigma_0.1", np.array([0.1])), ("single_sigma_1.0", np.array([1.0]))]
+    singles = [
+        ("single_sigma_0.01", SIGMAS[-1:]),
+        ("single_sigma_0.1", np.array([0.1])),
+        ("single_sigma_1.0", np.array([1.0])),
+    ]
     runs = singles + [("ncsn_10_levels", SIGMAS)]
     for name, sigmas in runs[1::2] if args.quick else runs:
         multi = len(sigmas) > 1
-        model_fn, info = T.train_dsm(train, sigmas, steps=steps, seed=args.seed, batch_size=128,
-                                     scale_by_sigma=True, quick=args.quick)
+        model_fn, info = T.train_dsm(
+            train, sigmas, steps=steps, seed=args.seed, batch_size=128, scale_by_sigma=True, quick=args.quick
+        )
         if multi:
-            samples, _, _ = T.annealed_samples(model_fn, sigmas, jax.random.fold_in(key, 4), n,
-                                               steps_per_sigma=steps_per_sigma)
+            samples, _, _ = T.annealed_samples(
+                model_fn, sigmas, jax.random.fold_in(key, 4), n, steps_per_sigma=steps_per_sigma
+            )
             step = None
         else:
             sigma = float(sigmas[0])
@@ -77,8 +83,10 @@ def main(argv=None):
         at = SIGMAS[[0, 4, 9]] if multi else sigmas  # the model's own levels: first, middle, last
         on_p_sigma = T.per_sigma_fisher(model_fn, mixture, at, jax.random.fold_in(key, 5), num_samples=num_eval)
         on_box = T.fisher_on_points(model_fn, mixture, at, box)
-        fisher = {f"sigma_{float(s):.3g}": {"on_p_sigma": float(a), "on_box": float(b)}
-                  for s, a, b in zip(at, on_p_sigma, on_box)}
+        fisher = {
+            f"sigma_{float(s):.3g}": {"on_p_sigma": float(a), "on_box": float(b)}
+            for s, a, b in zip(at, on_p_sigma, on_box, strict=False)
+        }
         variants[name] = {
             "sigmas": sigmas,
             "langevin_step": step,
@@ -89,16 +97,30 @@ def main(argv=None):
             "samples": samples[:500],
         }
         v = variants[name]
-        print(f"{name:18s} TV {v['mode_weights_tv']:.3f}  off-mode {v['off_mode_fraction']:.3f}  "
-              f"MMD^2/floor (h=0.25) {v['mmd']['h_0.25']['ratio_to_floor']:.1f}  Fisher {fisher}")
+        print(
+            f"{name:18s} TV {v['mode_weights_tv']:.3f}  off-mode {v['off_mode_fraction']:.3f}  "
+            f"MMD^2/floor (h=0.25) {v['mmd']['h_0.25']['ratio_to_floor']:.1f}  Fisher {fisher}"
+        )
 
     plots = {k: v.pop("samples") for k, v in variants.items()}
-    results = {"true_weights": true_w, "variants": variants, "step_lr": step_lr,
-               "off_mode_fraction_of_exact_samples": float(np.exp(-9.0 / 2))}
-    settings = {"steps": steps, "batch_size": 128, "parameterization": "score / sigma (NCSNv2)",
-                "weighting": "sigma2", "learning_rate": 1e-3, "model": "MLP 128x3", "n": n,
-                "langevin_steps": num_langevin, "init": "4 N(0, I)",
-                "data": "8 Gaussians on a circle (radius 2, std 0.25), weights k/36"}
+    results = {
+        "true_weights": true_w,
+        "variants": variants,
+        "step_lr": step_lr,
+        "off_mode_fraction_of_exact_samples": float(np.exp(-9.0 / 2)),
+    }
+    settings = {
+        "steps": steps,
+        "batch_size": 128,
+        "parameterization": "score / sigma (NCSNv2)",
+        "weighting": "sigma2",
+        "learning_rate": 1e-3,
+        "model": "MLP 128x3",
+        "n": n,
+        "langevin_steps": num_langevin,
+        "init": "4 N(0, I)",
+        "data": "8 Gaussians on a circle (radius 2, std 0.25), weights k/36",
+    }
     C.save_results(args, NAME, results, settings)
     _figure(args, variants, plots, test, true_w)
     return results
@@ -109,14 +131,17 @@ def _figure(args, variants, plots, test, true_w):
 
     fig = Figure(figsize=(18, 3.4), layout="constrained")
     axes = fig.subplots(1, 5)
-    for ax, (name, samples) in zip(axes, plots.items()):
+    for ax, (name, samples) in zip(axes, plots.items(), strict=False):
         ax.scatter(test[:500, 0], test[:500, 1], s=2, linewidths=0, color="tab:blue")
         ax.scatter(samples[:, 0], samples[:, 1], s=2, linewidths=0, color="tab:red")
         ax.set_xlim(-4, 4)
         ax.set_ylim(-4, 4)
         ax.set_aspect("equal")
         v = variants[name]
-        ax.set_title(f"{name}: TV {v['mode_weights_tv']:.2f}, MMD^2 (h=0.25) {v['mmd']['h_0.25']['ratio_to_floor']:.1f} floors", fontsize=9)
+        ax.set_title(
+            f"{name}: TV {v['mode_weights_tv']:.2f}, MMD^2 (h=0.25) {v['mmd']['h_0.25']['ratio_to_floor']:.1f} floors",
+            fontsize=9,
+        )
     ax = axes[4]
     k = np.arange(1, 9)
     ax.bar(k - 0.36, true_w, width=0.14, label="true", color="black")

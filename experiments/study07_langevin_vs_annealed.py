@@ -10,11 +10,11 @@ the 4:1 ratio. The same with scores learned by multi-scale DSM.
 
 from __future__ import annotations
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _common as C
 from dsm_jax.distributions import GaussianMixture
 from dsm_jax.metrics import mode_weights
 from dsm_jax.models import NoiseConditionalMLP, init_params, make_model_fn
@@ -36,7 +36,8 @@ def run_samplers(model_fn, sigmas, x0, key, *, ld_steps, ald_steps, step_lr):
     score = lambda x: model_fn(x, jnp.full((x.shape[0],), s_min))
     ld = jax.jit(lambda x, k: langevin(score, x, k, step_size=step_lr / 2, num_steps=ld_steps))(x0, k1)
     ald = jax.jit(lambda x, k: annealed_langevin(model_fn, x, k, sigmas, steps_per_sigma=ald_steps, step_lr=step_lr))(
-        x0, k2)
+        x0, k2
+    )
     return np.asarray(ld), np.asarray(ald)
 
 
@@ -52,7 +53,9 @@ def main(argv=None):
     start = _weights(x0)
 
     exact = lambda x, sigma: MIXTURE.convolve(sigma[0]).score(x)
-    ld_e, ald_e = run_samplers(exact, sigmas, x0, jax.random.key(1), ld_steps=ld_steps, ald_steps=ald_steps, step_lr=step_lr)
+    ld_e, ald_e = run_samplers(
+        exact, sigmas, x0, jax.random.key(1), ld_steps=ld_steps, ald_steps=ald_steps, step_lr=step_lr
+    )
 
     data = np.asarray(MIXTURE.sample(jax.random.key(2), 20000))
     model = NoiseConditionalMLP(width=32 if args.quick else 128, depth=2 if args.quick else 3, fourier_scale=1.0)
@@ -61,7 +64,9 @@ def main(argv=None):
     batches = lambda s: data[np.random.RandomState(s).randint(0, data.shape[0], 256)]
     state, info = C.fit(loss_fn, params, batches, num_steps=train_steps, learning_rate=1e-3, seed=args.seed)
     learned = make_model_fn(model, state.ema_params)
-    ld_l, ald_l = run_samplers(learned, sigmas, x0, jax.random.key(4), ld_steps=ld_steps, ald_steps=ald_steps, step_lr=step_lr)
+    ld_l, ald_l = run_samplers(
+        learned, sigmas, x0, jax.random.key(4), ld_steps=ld_steps, ald_steps=ald_steps, step_lr=step_lr
+    )
 
     results = {
         "true_weights": [0.2, 0.8],
@@ -72,9 +77,19 @@ def main(argv=None):
         "standard_error": float(np.sqrt(0.2 * 0.8 / n)),
         "train_seconds": info["seconds"],
     }
-    C.save_results(args, "study07_langevin_vs_annealed", results,
-                   {"n": n, "sigmas": np.asarray(sigmas), "step_lr": step_lr, "ld_steps": ld_steps,
-                    "ald_steps_per_sigma": ald_steps, "train_steps": train_steps})
+    C.save_results(
+        args,
+        "study07_langevin_vs_annealed",
+        results,
+        {
+            "n": n,
+            "sigmas": np.asarray(sigmas),
+            "step_lr": step_lr,
+            "ld_steps": ld_steps,
+            "ald_steps_per_sigma": ald_steps,
+            "train_steps": train_steps,
+        },
+    )
     for k in ("exact_score", "learned_score"):
         print(k, "LD", np.round(results[k]["langevin"], 3), "ALD", np.round(results[k]["annealed"], 3))
 
@@ -82,10 +97,14 @@ def main(argv=None):
 
     fig = Figure(figsize=(14, 3.6), layout="constrained")
     axes = fig.subplots(1, 5, sharex=True, sharey=True)
-    panels = [(np.asarray(MIXTURE.sample(jax.random.key(5), n)), "exact samples"),
-              (ld_e, "Langevin, exact score"), (ald_e, "annealed, exact score"),
-              (ld_l, "Langevin, learned"), (ald_l, "annealed, learned")]
-    for ax, (s, title) in zip(axes, panels):
+    panels = [
+        (np.asarray(MIXTURE.sample(jax.random.key(5), n)), "exact samples"),
+        (ld_e, "Langevin, exact score"),
+        (ald_e, "annealed, exact score"),
+        (ld_l, "Langevin, learned"),
+        (ald_l, "annealed, learned"),
+    ]
+    for ax, (s, title) in zip(axes, panels, strict=False):
         w = _weights(s)
         ax.scatter(s[:, 0], s[:, 1], s=1, alpha=0.3)
         ax.set_title(f"{title}\nweights {w[0]:.2f} / {w[1]:.2f}", fontsize=9)

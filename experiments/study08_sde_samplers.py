@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _common as C
 from dsm_jax.data import eight_gaussians_mixture
 from dsm_jax.likelihood import log_likelihood
 from dsm_jax.metrics import mmd2, mmd2_floor, sliced_wasserstein
@@ -54,8 +54,10 @@ def main(argv=None):
     x_init = sde.prior_sample(jax.random.key(5), (n, 2))
 
     def score_samples(samples):
-        return {"mmd2": float(mmd2(samples, reference, bandwidth=floor.bandwidth)),
-                "sliced_wasserstein": float(sliced_wasserstein(samples, reference, jax.random.key(6)))}
+        return {
+            "mmd2": float(mmd2(samples, reference, bandwidth=floor.bandwidth)),
+            "sliced_wasserstein": float(sliced_wasserstein(samples, reference, jax.random.key(6))),
+        }
 
     results = {"mmd2_floor": float(floor.floor), "train_seconds": info["seconds"]}
     for name, model_fn in (("exact", exact), ("learned", learned)):
@@ -65,7 +67,8 @@ def main(argv=None):
             rows.append({"sampler": "em", "steps": k, "nfe": int(r.nfe), **score_samples(r.samples)})
         for k in pc_steps:
             r = jax.jit(lambda x, key: predictor_corrector(model_fn, sde, x, key, num_steps=k, snr=0.16))(
-                x_init, jax.random.key(8))
+                x_init, jax.random.key(8)
+            )
             rows.append({"sampler": "pc", "steps": k, "nfe": int(r.nfe), **score_samples(r.samples)})
         for tol in tols:
             r = jax.jit(lambda x: probability_flow_ode(model_fn, sde, x, rtol=tol, atol=tol))(x_init)
@@ -83,18 +86,20 @@ def main(argv=None):
         "ode_learned": bpd(log_likelihood(learned, sde, x_test)),
     }
     print("bits/dim", results["bits_per_dim"])
-    C.save_results(args, "study08_sde_samplers", results,
-                   {"n": n, "train_steps": steps, "sde": "VE(0.01, 6)", "pc_snr": 0.16})
+    C.save_results(
+        args, "study08_sde_samplers", results, {"n": n, "train_steps": steps, "sde": "VE(0.01, 6)", "pc_snr": 0.16}
+    )
 
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, name in zip(axes, ("exact", "learned")):
+    for ax, name in zip(axes, ("exact", "learned"), strict=False):
         for sampler, marker in (("em", "o-"), ("pc", "s-"), ("ode", "^-")):
             rows = [r for r in results[name] if r["sampler"] == sampler]
-            ax.semilogx([r["nfe"] for r in rows], [max(r["mmd2"], 1e-6) / floor.floor for r in rows], marker,
-                        label=sampler)
+            ax.semilogx(
+                [r["nfe"] for r in rows], [max(r["mmd2"], 1e-6) / floor.floor for r in rows], marker, label=sampler
+            )
         ax.axhline(1.0, color="0.5", ls="--", lw=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("model evaluations")

@@ -19,12 +19,12 @@ mode: the full budget only).
 
 from __future__ import annotations
 
+import _common as C
+import _toy as T
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _common as C
-import _toy as T
 from dsm_jax.distributions import GaussianMixture
 from dsm_jax.losses import dsm_loss, explicit_score_matching_loss, sliced_score_matching_loss
 from dsm_jax.models import NoiseConditionalMLP, init_params, make_model_fn
@@ -72,10 +72,20 @@ def main(argv=None):
         rows = {"dsm_bias": T.relative_fisher(noised.score, mixture.score, x_eval)}
         for method in METHODS:
             row = {}
-            readings = (("full_budget", budget),) if args.quick else (("half_budget", budget / 2), ("full_budget", budget))
+            readings = (
+                (("full_budget", budget),) if args.quick else (("half_budget", budget / 2), ("full_budget", budget))
+            )
             for label, seconds in readings:
-                state, info = C.fit(loss_for(method, model), params, batches, num_steps=10**9, learning_rate=1e-3,
-                                    seed=args.seed, time_budget=seconds, steps_per_call=10)
+                state, info = C.fit(
+                    loss_for(method, model),
+                    params,
+                    batches,
+                    num_steps=10**9,
+                    learning_rate=1e-3,
+                    seed=args.seed,
+                    time_budget=seconds,
+                    steps_per_call=10,
+                )
                 model_fn = make_model_fn(model, state.ema_params)
                 score = jax.jit(lambda z: model_fn(z, jnp.full((z.shape[0],), DSM_SIGMA)))
                 row[label] = {
@@ -84,14 +94,24 @@ def main(argv=None):
                     "seconds": info["seconds"],
                 }
             rows[method] = row
-            print(f"d={d:3d} {method:7s} rel. Fisher {row['full_budget']['relative_fisher']:.4f} "
-                  f"after {row['full_budget']['steps']} steps")
+            print(
+                f"d={d:3d} {method:7s} rel. Fisher {row['full_budget']['relative_fisher']:.4f} "
+                f"after {row['full_budget']['steps']} steps"
+            )
         per_dim[str(d)] = rows
 
     results = {"dims": dims, "per_dim": per_dim}
-    settings = {"budget_seconds": budget, "batch_size": 128, "learning_rate": 1e-3, "ema_decay": 0.999,
-                "model": f"MLP {model.width}x{model.depth}", "dsm_sigma": DSM_SIGMA, "steps_per_call": 10,
-                "eval_points": num_eval, "data": "4-component Gaussian mixture, means ~ N(0, 4 I), std 0.5"}
+    settings = {
+        "budget_seconds": budget,
+        "batch_size": 128,
+        "learning_rate": 1e-3,
+        "ema_decay": 0.999,
+        "model": f"MLP {model.width}x{model.depth}",
+        "dsm_sigma": DSM_SIGMA,
+        "steps_per_call": 10,
+        "eval_points": num_eval,
+        "data": "4-component Gaussian mixture, means ~ N(0, 4 I), std 0.5",
+    }
     C.save_results(args, NAME, results, settings)
     _figure(args, dims, per_dim, budget)
     return results
@@ -102,7 +122,7 @@ def _figure(args, dims, per_dim, budget):
 
     fig = Figure(figsize=(5 * len(dims), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(dims)))
-    for ax, d in zip(axes, dims):
+    for ax, d in zip(axes, dims, strict=False):
         rows = per_dim[str(d)]
         for m in METHODS:
             t = [r["seconds"] for r in rows[m].values()]

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import _common as C
 from _digits import digits_run
+
 from dsm_jax.data import DIGITS_RANGE
 from dsm_jax.likelihood import bits_per_dim, log_likelihood
 from dsm_jax.metrics import psnr
@@ -56,10 +56,12 @@ def main(argv=None):
         y = (test + sigma * rng.randn(*test.shape)).astype(np.float32)
         tw = np.clip(np.asarray(denoise_fn(jnp.asarray(y), sigma)), low, high)
         wi = np.clip(wiener(train, y, sigma), low, high)
-        row = {"sigma": sigma,
-               "psnr_noisy": float(jnp.mean(psnr(jnp.asarray(np.clip(y, low, high)), jnp.asarray(test)))),
-               "psnr_tweedie": float(jnp.mean(psnr(jnp.asarray(tw), jnp.asarray(test)))),
-               "psnr_wiener": float(jnp.mean(psnr(jnp.asarray(wi), jnp.asarray(test))))}
+        row = {
+            "sigma": sigma,
+            "psnr_noisy": float(jnp.mean(psnr(jnp.asarray(np.clip(y, low, high)), jnp.asarray(test)))),
+            "psnr_tweedie": float(jnp.mean(psnr(jnp.asarray(tw), jnp.asarray(test)))),
+            "psnr_wiener": float(jnp.mean(psnr(jnp.asarray(wi), jnp.asarray(test)))),
+        }
         results["denoising"].append(row)
         print(row)
 
@@ -87,16 +89,31 @@ def main(argv=None):
 
     n_samples, steps_per_sigma = (8, 2) if args.quick else (64, run.config.steps_per_sigma)
     x0 = float(sigmas[0]) * jax.random.normal(jax.random.key(3), (n_samples,) + run.dataset.shape)
-    samples = np.asarray(annealed_langevin(model_fn, x0, jax.random.key(4), jnp.asarray(sigmas),
-                                           steps_per_sigma=steps_per_sigma, step_lr=run.step_lr))
-    C.save_results(args, "study10_digits_unet", results,
-                   {"workdir_config": run.config.to_dict(), "n_test": n_test, "step_lr": run.step_lr,
-                    "samples_steps_per_sigma": steps_per_sigma})
+    samples = np.asarray(
+        annealed_langevin(
+            model_fn, x0, jax.random.key(4), jnp.asarray(sigmas), steps_per_sigma=steps_per_sigma, step_lr=run.step_lr
+        )
+    )
+    C.save_results(
+        args,
+        "study10_digits_unet",
+        results,
+        {
+            "workdir_config": run.config.to_dict(),
+            "n_test": n_test,
+            "step_lr": run.step_lr,
+            "samples_steps_per_sigma": steps_per_sigma,
+        },
+    )
 
     from dsm_jax.plotting import plot_image_grid
 
-    plot_image_grid(np.clip(samples, low, high), title="annealed Langevin samples (digits U-Net)",
-                    path=args.out / "study10_digits_unet.png", dpi=100)
+    plot_image_grid(
+        np.clip(samples, low, high),
+        title="annealed Langevin samples (digits U-Net)",
+        path=args.out / "study10_digits_unet.png",
+        dpi=100,
+    )
     return results
 
 

@@ -19,17 +19,17 @@ nearly matches the clean-data denoiser.
 
 from __future__ import annotations
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
+from study10_digits_unet import wiener
 
-import _common as C
 from dsm_jax.data import load_dataset
 from dsm_jax.losses import dsm_loss, sure_loss
 from dsm_jax.metrics import psnr
 from dsm_jax.models import UNet, init_params, make_model_fn
 from dsm_jax.train import create_train_state, make_optimizer, make_train_step
-from study10_digits_unet import wiener
 
 SIGMA = 0.2
 
@@ -54,7 +54,10 @@ def main(argv=None):
 
     losses = {
         "sure_noisy_only": (lambda p, y, k: sure_loss(denoiser(p), y, SIGMA, k), noisy_fit),
-        "dsm_clean": (lambda p, x, k: dsm_loss(make_model_fn(model, p), x, SIGMA, k, parameterization="eps"), clean_fit),
+        "dsm_clean": (
+            lambda p, x, k: dsm_loss(make_model_fn(model, p), x, SIGMA, k, parameterization="eps"),
+            clean_fit,
+        ),
     }
     y_test = (test + SIGMA * np.random.RandomState(1).randn(*test.shape)).astype(np.float32)
     score = lambda pred: float(jnp.mean(psnr(jnp.clip(jnp.asarray(pred), -1, 1), jnp.asarray(test))))
@@ -63,7 +66,11 @@ def main(argv=None):
     val_sure = jax.jit(lambda p, k: sure_loss(denoiser(p), jnp.asarray(noisy_val), SIGMA, k, num_probes=8))
 
     optimizer = make_optimizer(1e-3, grad_clip_norm=1.0)
-    results = {"psnr_noisy": score(y_test), "psnr_wiener_clean_fit": score(wiener(clean_fit, y_test, SIGMA)), "curves": {}}
+    results = {
+        "psnr_noisy": score(y_test),
+        "psnr_wiener_clean_fit": score(wiener(clean_fit, y_test, SIGMA)),
+        "curves": {},
+    }
     final = {}
     for name, (loss_fn, source) in losses.items():
         step_fn = jax.jit(make_train_step(loss_fn, optimizer))
@@ -74,10 +81,15 @@ def main(argv=None):
             state, metrics = step_fn(state, jnp.asarray(batch), jax.random.fold_in(jax.random.key(args.seed), i))
             train_losses.append(float(metrics["loss"]))
             if i + 1 in eval_at:
-                curve.append({"step": i + 1, "psnr_test": score(apply(state.params, jnp.asarray(y_test))),
-                              "sure_validation": float(val_sure(state.params, jax.random.key(7))),
-                              "train_loss_last50": float(np.mean(train_losses[-50:])),
-                              "params": state.params})
+                curve.append(
+                    {
+                        "step": i + 1,
+                        "psnr_test": score(apply(state.params, jnp.asarray(y_test))),
+                        "sure_validation": float(val_sure(state.params, jax.random.key(7))),
+                        "train_loss_last50": float(np.mean(train_losses[-50:])),
+                        "params": state.params,
+                    }
+                )
                 print(name, {k: v for k, v in curve[-1].items() if k != "params"})
         final[name] = curve[-1]["params"]
         results["curves"][name] = [{k: v for k, v in row.items() if k != "params"} for row in curve]
@@ -88,16 +100,32 @@ def main(argv=None):
     # d sigma^2: the validation SURE of the identity, the risk of not denoising at all.
     results["sure_identity"] = float(np.prod(train.shape[1:]) * SIGMA**2)
     print({k: v for k, v in results.items() if k != "curves"})
-    C.save_results(args, "study11_sure", results,
-                   {"sigma": SIGMA, "steps": steps, "batch": 128, "learning_rate": 1e-3, "n_fit": n_fit,
-                    "n_validation": int(noisy_val.shape[0]), "eval_at": eval_at, "params": "raw (no EMA)"})
+    C.save_results(
+        args,
+        "study11_sure",
+        results,
+        {
+            "sigma": SIGMA,
+            "steps": steps,
+            "batch": 128,
+            "learning_rate": 1e-3,
+            "n_fit": n_fit,
+            "n_validation": int(noisy_val.shape[0]),
+            "eval_at": eval_at,
+            "params": "raw (no EMA)",
+        },
+    )
 
     from dsm_jax.plotting import plot_image_grid
 
     rows = [test[:8], y_test[:8]] + [np.asarray(apply(p, jnp.asarray(y_test[:8]))) for p in final.values()]
-    plot_image_grid(np.clip(np.concatenate(rows), -1, 1), ncols=8,
-                    title=f"clean / noisy (sigma={SIGMA}) / SURE (noisy data only) / DSM (clean data), step {steps}",
-                    path=args.out / "study11_sure.png", dpi=100)
+    plot_image_grid(
+        np.clip(np.concatenate(rows), -1, 1),
+        ncols=8,
+        title=f"clean / noisy (sigma={SIGMA}) / SURE (noisy data only) / DSM (clean data), step {steps}",
+        path=args.out / "study11_sure.png",
+        dpi=100,
+    )
     return results
 
 

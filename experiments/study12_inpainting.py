@@ -16,12 +16,12 @@ too.
 
 from __future__ import annotations
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import _common as C
 from _digits import digits_run
+
 from dsm_jax.samplers import inpaint_annealed_langevin
 
 
@@ -48,7 +48,10 @@ def main(argv=None):
     n = 8 if args.quick else 64
     test = run.dataset.test[:n]
     mean_image = run.dataset.train.mean(0, keepdims=True)
-    masks = {"bottom_half_missing": np.ones((8, 8, 1), np.float32), "right_half_missing": np.ones((8, 8, 1), np.float32)}
+    masks = {
+        "bottom_half_missing": np.ones((8, 8, 1), np.float32),
+        "right_half_missing": np.ones((8, 8, 1), np.float32),
+    }
     masks["bottom_half_missing"][4:] = 0.0
     masks["right_half_missing"][:, 4:] = 0.0
     steps = 2 if args.quick else run.config.steps_per_sigma
@@ -56,9 +59,11 @@ def main(argv=None):
     results, grids = {}, []
     for i, (name, known) in enumerate(masks.items()):
         y = np.repeat(test * known, draws, axis=0)  # draws of image j are rows j * draws ... (j + 1) * draws - 1
-        out = jax.jit(lambda y, k: inpaint_annealed_langevin(model_fn, y, jnp.asarray(known), k, jnp.asarray(run.sigmas),
-                                                              steps_per_sigma=steps, step_lr=run.step_lr))(
-            jnp.asarray(y), jax.random.key(i))
+        out = jax.jit(
+            lambda y, k: inpaint_annealed_langevin(
+                model_fn, y, jnp.asarray(known), k, jnp.asarray(run.sigmas), steps_per_sigma=steps, step_lr=run.step_lr
+            )
+        )(jnp.asarray(y), jax.random.key(i))
         out = np.clip(np.asarray(out), -1, 1).reshape((n, draws) + test.shape[1:])
         posterior_mean, out = out.mean(axis=1), out[:, 0]
         y = y[::draws]
@@ -73,14 +78,19 @@ def main(argv=None):
         }
         print(name, results[name])
         grids += [test[:8], np.where(known > 0, test[:8], -1.0), out[:8], posterior_mean[:8], lin[:8]]
-    C.save_results(args, "study12_inpainting", results,
-                   {"n": n, "draws": draws, "steps_per_sigma": steps, "step_lr": run.step_lr})
+    C.save_results(
+        args, "study12_inpainting", results, {"n": n, "draws": draws, "steps_per_sigma": steps, "step_lr": run.step_lr}
+    )
 
     from dsm_jax.plotting import plot_image_grid
 
-    plot_image_grid(np.concatenate(grids), ncols=8,
-                    title=f"rows: truth / observed / one inpainting / mean of {draws} / linear (bottom, then right half)",
-                    path=args.out / "study12_inpainting.png", dpi=100)
+    plot_image_grid(
+        np.concatenate(grids),
+        ncols=8,
+        title=f"rows: truth / observed / one inpainting / mean of {draws} / linear (bottom, then right half)",
+        path=args.out / "study12_inpainting.png",
+        dpi=100,
+    )
     return results
 
 

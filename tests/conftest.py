@@ -11,10 +11,10 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import dsm_jax  # noqa: E402,F401  (applies the XLA CPU workaround before any computation)
-
 import jax
 import pytest
+
+import dsm_jax  # noqa: E402,F401  (applies the XLA CPU workaround before any computation)
 
 
 @pytest.fixture

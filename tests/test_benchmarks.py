@@ -72,7 +72,9 @@ def test_quick_run_without_torch(tmp_path, monkeypatch):
     assert text.count("| **") == n_ratios + len(payload["results"]["targets"])
     target_lines = [line for line in text.splitlines() if line.endswith("runs |")]
     assert len(target_lines) == len(payload["results"]["targets"])
-    for line, t in zip(target_lines, payload["results"]["targets"]):  # the same run twice: met in both or in neither
+    for line, t in zip(
+        target_lines, payload["results"]["targets"], strict=False
+    ):  # the same run twice: met in both or in neither
         assert line.endswith(f"| {2 if t['met'] else 0}/2 runs |"), line
     with pytest.raises(SystemExit, match="no such results file"):
         summarize.main([str(tmp_path / "missing.json")])
@@ -141,13 +143,25 @@ def test_profile_ops_lists_xla_operations():
     import subprocess
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, str(BENCH / "profile_ops.py"), "dsm_step", "--batch", "8", "--calls", "1", "--top", "40"],
-                         capture_output=True, text=True, env=env, cwd=BENCH, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "profile_ops.py"), "dsm_step", "--batch", "8", "--calls", "1", "--top", "40"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=BENCH,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if " ms  x" in line]
     assert lines and any("dot" in line for line in lines), out.stdout
-    bad = subprocess.run([sys.executable, str(BENCH / "profile_ops.py"), "dsm_step", "--batch", "0"],
-                         capture_output=True, text=True, env=env, cwd=BENCH, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "profile_ops.py"), "dsm_step", "--batch", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=BENCH,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "--batch must be >= 1, got 0" in bad.stderr
 
 

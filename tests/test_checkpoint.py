@@ -41,8 +41,9 @@ def _flip_one_byte(path: str) -> None:
 
 
 def _files(step_dir: str) -> list:
-    return sorted(os.path.relpath(os.path.join(root, name), step_dir)
-                  for root, _, names in os.walk(step_dir) for name in names)
+    return sorted(
+        os.path.relpath(os.path.join(root, name), step_dir) for root, _, names in os.walk(step_dir) for name in names
+    )
 
 
 def test_round_trip_is_bitwise_and_keeps_metadata(tmp_path):
@@ -104,9 +105,13 @@ def test_a_flipped_byte_in_any_file_falls_back_to_the_previous_step(two_steps, t
     different parameter, and one in the meta item a different config.
     """
     files = _files(os.path.join(two_steps, "2"))
-    kinds = {"state data": "state/ocdbt.process_0/d/", "state metadata": "state/_METADATA",
-             "step metadata": "_CHECKPOINT_METADATA", "meta item": "meta/metadata",
-             "checksum manifest": "dsm_jax_checksums.json"}
+    kinds = {
+        "state data": "state/ocdbt.process_0/d/",
+        "state metadata": "state/_METADATA",
+        "step metadata": "_CHECKPOINT_METADATA",
+        "meta item": "meta/metadata",
+        "checksum manifest": "dsm_jax_checksums.json",
+    }
     for kind, needle in kinds.items():
         assert any(needle in f for f in files), (kind, files)
     for i, name in enumerate(files):
@@ -133,8 +138,9 @@ def test_an_untouched_checkpoint_is_verified_and_bitwise(two_steps, tmp_path):
     chex.assert_trees_all_equal(restored, jax.device_get(_state(seed=2, step=2)))
     with open(os.path.join(directory, "2", "dsm_jax_checksums.json")) as f:
         manifest = json.load(f)
-    assert sorted(manifest["files"]) == [f for f in _files(os.path.join(directory, "2"))
-                                         if f != "dsm_jax_checksums.json"]
+    assert sorted(manifest["files"]) == [
+        f for f in _files(os.path.join(directory, "2")) if f != "dsm_jax_checksums.json"
+    ]
 
 
 def test_an_added_or_removed_file_is_a_mismatch(two_steps, tmp_path):
@@ -146,8 +152,10 @@ def test_an_added_or_removed_file_is_a_mismatch(two_steps, tmp_path):
         else:
             os.remove(os.path.join(directory, "2", "commit_success.txt"))
         with Checkpointer(directory, read_only=True) as ckpt:
-            with pytest.raises(CorruptCheckpointError, match="unexpected: state/stray" if change == "add"
-                               else "missing: commit_success.txt"):
+            with pytest.raises(
+                CorruptCheckpointError,
+                match="unexpected: state/stray" if change == "add" else "missing: commit_success.txt",
+            ):
                 ckpt.restore(2)
 
 

@@ -14,11 +14,37 @@ from dsm_jax.checkpoint import load_params
 from dsm_jax.config import PRESETS, Config, apply_overrides
 
 TINY = [
-    "--dataset", "two_clusters", "--quiet",
-    "--set", "num_train=512", "--set", "num_test=256", "--set", "width=32", "--set", "depth=1",
-    "--set", "num_sigmas=4", "--set", "batch_size=64", "--set", "steps_per_call=10", "--set", "save_every=20",
-    "--set", "log_every=10", "--set", "num_samples=256", "--set", "steps_per_sigma=10",
-    "--set", "fisher_samples=256", "--set", "sde_steps=20", "--set", "warmup_steps=5",
+    "--dataset",
+    "two_clusters",
+    "--quiet",
+    "--set",
+    "num_train=512",
+    "--set",
+    "num_test=256",
+    "--set",
+    "width=32",
+    "--set",
+    "depth=1",
+    "--set",
+    "num_sigmas=4",
+    "--set",
+    "batch_size=64",
+    "--set",
+    "steps_per_call=10",
+    "--set",
+    "save_every=20",
+    "--set",
+    "log_every=10",
+    "--set",
+    "num_samples=256",
+    "--set",
+    "steps_per_sigma=10",
+    "--set",
+    "fisher_samples=256",
+    "--set",
+    "sde_steps=20",
+    "--set",
+    "warmup_steps=5",
 ]
 
 
@@ -28,7 +54,9 @@ def _train(workdir, *extra, steps=40):
 
 def _leaves_equal(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=False)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +67,16 @@ def run40(tmp_path_factory):
 
 
 def test_train_writes_every_output(run40):
-    for name in ("config.json", "metrics.jsonl", "samples.npz", "metrics.json", "samples.png", "score_field.png",
-                 "losses.png", "checkpoints"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "samples.npz",
+        "metrics.json",
+        "samples.png",
+        "score_field.png",
+        "losses.png",
+        "checkpoints",
+    ):
         assert (run40 / name).exists(), name
     saved = json.loads((run40 / "config.json").read_text())
     assert saved["config"]["dataset"] == "two_clusters" and saved["config"]["num_steps"] == 40
@@ -65,7 +101,9 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(run40, tmp_path):
     straight = tmp_path / "straight"
     assert _train(straight, steps=60) == 0
     for ema in (True, False):
-        assert _leaves_equal(load_params(resumed / "checkpoints", ema=ema), load_params(straight / "checkpoints", ema=ema))
+        assert _leaves_equal(
+            load_params(resumed / "checkpoints", ema=ema), load_params(straight / "checkpoints", ema=ema)
+        )
     a, b = np.load(resumed / "samples.npz")["samples"], np.load(straight / "samples.npz")["samples"]
     assert np.array_equal(a, b)
     events = [json.loads(line).get("event") for line in (resumed / "metrics.jsonl").read_text().splitlines()]
@@ -110,8 +148,22 @@ def test_denoise_matches_tweedie_with_the_saved_model(run40, tmp_path):
     noisy = (rng.randn(10, 2) * 2).astype(np.float32)
     np.save(tmp_path / "noisy.npy", noisy)
     out = tmp_path / "clean.npy"
-    assert cli.main(["denoise", "--workdir", str(run40), "--input", str(tmp_path / "noisy.npy"), "--sigma", "0.5",
-                     "--output", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "denoise",
+                "--workdir",
+                str(run40),
+                "--input",
+                str(tmp_path / "noisy.npy"),
+                "--sigma",
+                "0.5",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     run, params = cli.load_trained(run40)
     want = np.asarray(denoise(run.model_fn(params), noisy, 0.5))
     np.testing.assert_allclose(np.load(out), want, rtol=1e-5, atol=1e-6)
@@ -166,13 +218,52 @@ def test_bad_arrays_and_workdirs_are_refused(run40, tmp_path, capsys):
     assert (other / "notes.txt").read_text() == "keep me"
     # denoise: wrong shape, bad sigma, output over the input.
     np.save(tmp_path / "img.npy", np.zeros((4, 3), np.float32))
-    _user_error(["denoise", "--workdir", str(run40), "--input", str(tmp_path / "img.npy"), "--sigma", "0.1",
-                 "--output", str(tmp_path / "o.npy")], capsys, "shape")
+    _user_error(
+        [
+            "denoise",
+            "--workdir",
+            str(run40),
+            "--input",
+            str(tmp_path / "img.npy"),
+            "--sigma",
+            "0.1",
+            "--output",
+            str(tmp_path / "o.npy"),
+        ],
+        capsys,
+        "shape",
+    )
     np.save(tmp_path / "ok.npy", np.zeros((4, 2), np.float32))
-    _user_error(["denoise", "--workdir", str(run40), "--input", str(tmp_path / "ok.npy"), "--sigma", "-1",
-                 "--output", str(tmp_path / "o.npy")], capsys, "--sigma")
-    _user_error(["denoise", "--workdir", str(run40), "--input", str(tmp_path / "ok.npy"), "--sigma", "0.1",
-                 "--output", str(tmp_path / "ok.npy")], capsys, "input")
+    _user_error(
+        [
+            "denoise",
+            "--workdir",
+            str(run40),
+            "--input",
+            str(tmp_path / "ok.npy"),
+            "--sigma",
+            "-1",
+            "--output",
+            str(tmp_path / "o.npy"),
+        ],
+        capsys,
+        "--sigma",
+    )
+    _user_error(
+        [
+            "denoise",
+            "--workdir",
+            str(run40),
+            "--input",
+            str(tmp_path / "ok.npy"),
+            "--sigma",
+            "0.1",
+            "--output",
+            str(tmp_path / "ok.npy"),
+        ],
+        capsys,
+        "input",
+    )
     assert not (tmp_path / "o.npy").exists()
 
 
@@ -188,8 +279,9 @@ def test_help_and_list(capsys):
 
 
 def test_config_overrides_parse_by_type():
-    cfg = apply_overrides(Config(), {"sigma_max": "none", "channel_mults": "1,2,2", "final_denoise": "false",
-                                     "learning_rate": "3e-4"})
+    cfg = apply_overrides(
+        Config(), {"sigma_max": "none", "channel_mults": "1,2,2", "final_denoise": "false", "learning_rate": "3e-4"}
+    )
     assert cfg.sigma_max is None and cfg.channel_mults == (1, 2, 2) and cfg.final_denoise is False
     assert cfg.learning_rate == 3e-4
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -197,7 +289,12 @@ def test_config_overrides_parse_by_type():
 
 def test_the_installed_command_exits_non_zero_without_a_traceback():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "dsm_jax", "train", "--preset", "nope"], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsm_jax", "train", "--preset", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == cli.EXIT_USER_ERROR
     assert "Traceback" not in proc.stderr and "unknown preset 'nope'" in proc.stderr

@@ -20,10 +20,34 @@ from dsm_jax.config import Config
 
 TINY = [
     "--quiet",
-    "--set", "num_train=512", "--set", "num_test=256", "--set", "width=32", "--set", "depth=1",
-    "--set", "num_sigmas=4", "--set", "batch_size=64", "--set", "steps_per_call=10", "--set", "save_every=20",
-    "--set", "log_every=10", "--set", "num_samples=256", "--set", "steps_per_sigma=10",
-    "--set", "fisher_samples=256", "--set", "sde_steps=20", "--set", "warmup_steps=5",
+    "--set",
+    "num_train=512",
+    "--set",
+    "num_test=256",
+    "--set",
+    "width=32",
+    "--set",
+    "depth=1",
+    "--set",
+    "num_sigmas=4",
+    "--set",
+    "batch_size=64",
+    "--set",
+    "steps_per_call=10",
+    "--set",
+    "save_every=20",
+    "--set",
+    "log_every=10",
+    "--set",
+    "num_samples=256",
+    "--set",
+    "steps_per_sigma=10",
+    "--set",
+    "fisher_samples=256",
+    "--set",
+    "sde_steps=20",
+    "--set",
+    "warmup_steps=5",
 ]
 RECORD = ("samples.npz", "samples.png", "metrics.json", "score_field.png", "losses.png", "config.json")
 
@@ -81,7 +105,8 @@ def test_evaluate_with_the_training_settings_says_whether_the_record_changed(run
     assert "metrics.json: the same values as before" in out
     after = json.loads((run / "metrics.json").read_text())
     assert {k: v for k, v in after.items() if k != "sampling_seconds"} == {
-        k: v for k, v in before.items() if k != "sampling_seconds"}
+        k: v for k, v in before.items() if k != "sampling_seconds"
+    }
     # A record that differs is reported with the changed values.
     (run / "metrics.json").write_text(json.dumps(dict(before, mmd2=123.0)))
     assert cli.main(["evaluate", "--workdir", str(run)]) == 0
@@ -129,8 +154,23 @@ def images(tmp_path_factory):
 
 def test_train_on_images_picks_the_unet_and_one_level_per_image(images, tmp_path, capsys):
     capsys.readouterr()
-    argv = ["train", "--dataset", str(images), "--workdir", str(tmp_path / "w"), "--num-steps", "0", "--no-sample",
-            "--quiet", "--set", "channels=8", "--set", "channel_mults=1", "--set", "batch_size=16"]
+    argv = [
+        "train",
+        "--dataset",
+        str(images),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--num-steps",
+        "0",
+        "--no-sample",
+        "--quiet",
+        "--set",
+        "channels=8",
+        "--set",
+        "channel_mults=1",
+        "--set",
+        "batch_size=16",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "w" / "config.json").read_text())["config"]
@@ -144,9 +184,27 @@ def test_train_on_images_picks_the_unet_and_one_level_per_image(images, tmp_path
 def test_an_explicit_mlp_trains_on_flattened_images(images, tmp_path):
     from dsm_jax.checkpoint import load_params
 
-    argv = ["train", "--dataset", str(images), "--workdir", str(tmp_path / "w"), "--num-steps", "1", "--quiet",
-            "--no-sample", "--set", "model=mlp", "--set", "width=16", "--set", "depth=1", "--set", "batch_size=16",
-            "--set", "num_sigmas=3"]
+    argv = [
+        "train",
+        "--dataset",
+        str(images),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--num-steps",
+        "1",
+        "--quiet",
+        "--no-sample",
+        "--set",
+        "model=mlp",
+        "--set",
+        "width=16",
+        "--set",
+        "depth=1",
+        "--set",
+        "batch_size=16",
+        "--set",
+        "num_sigmas=3",
+    ]
     assert cli.main(argv) == 0
     saved = json.loads((tmp_path / "w" / "config.json").read_text())["config"]
     assert saved["model"] == "mlp"
@@ -159,8 +217,9 @@ def test_an_explicit_mlp_trains_on_flattened_images(images, tmp_path):
 
 def test_the_default_workdir_is_named_after_the_preset_and_dataset(run):
     assert (run / "checkpoints").is_dir()  # the fixture trained --dataset two_clusters with no --workdir
-    with_dataset = lambda preset, dataset: run_lib.default_workdir(preset, config_lib.apply_overrides(
-        config_lib.get_preset(preset), {"dataset": dataset}))
+    with_dataset = lambda preset, dataset: run_lib.default_workdir(
+        preset, config_lib.apply_overrides(config_lib.get_preset(preset), {"dataset": dataset})
+    )
     assert with_dataset("default", "eight_gaussians") == Path("runs/default")
     assert with_dataset("digits", "digits") == Path("runs/digits")
     assert with_dataset("default", "moons") == Path("runs/default-moons")
@@ -227,10 +286,19 @@ def test_bad_config_files_are_one_line_errors(content, needle, tmp_path, capsys)
 
 
 def _metrics(ratio, n=2000):
-    return {"mmd2": ratio * 2e-4, "mmd2_floor": 2e-4, "mmd2_over_floor": ratio, "mmd_n": n,
-            "sliced_wasserstein": 0.09, "sliced_wasserstein_data_floor": 0.03, "fraction_finite": 1.0,
-            "relative_fisher": {"1": 0.1, "0.1": 0.3}, "relative_fisher_mean": 0.2,
-            "mode_weights": [0.6, 0.4], "true_weights": [0.5, 0.5]}
+    return {
+        "mmd2": ratio * 2e-4,
+        "mmd2_floor": 2e-4,
+        "mmd2_over_floor": ratio,
+        "mmd_n": n,
+        "sliced_wasserstein": 0.09,
+        "sliced_wasserstein_data_floor": 0.03,
+        "fraction_finite": 1.0,
+        "relative_fisher": {"1": 0.1, "0.1": 0.3},
+        "relative_fisher_mean": 0.2,
+        "mode_weights": [0.6, 0.4],
+        "true_weights": [0.5, 0.5],
+    }
 
 
 @pytest.mark.parametrize(
@@ -254,7 +322,7 @@ def test_load_trained_takes_str_and_pathlike(run):
     a_run, a_params = cli.load_trained(str(run))
     b_run, b_params = cli.load_trained(run)
     assert a_run.config == b_run.config
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a_params), jax.tree.leaves(b_params)))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a_params), jax.tree.leaves(b_params), strict=False))
     samples = np.load(run / "samples.npz")["samples"]
     np.save(run.parent / "s.npy", samples)
     assert np.array_equal(load_array(str(run.parent / "s.npy")), load_array(run.parent / "s.npy"))
@@ -264,9 +332,27 @@ def test_load_trained_takes_str_and_pathlike(run):
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Appended to every README `dsm-jax train` line: tiny settings, the last --set wins.
-SMALL_TRAIN = ["--quiet", "--set", "num_steps=20", "--set", "num_samples=64", "--set", "steps_per_sigma=5",
-               "--set", "fisher_samples=64", "--set", "width=16", "--set", "channels=8", "--set", "batch_size=32",
-               "--set", "save_every=10", "--set", "log_every=10"]
+SMALL_TRAIN = [
+    "--quiet",
+    "--set",
+    "num_steps=20",
+    "--set",
+    "num_samples=64",
+    "--set",
+    "steps_per_sigma=5",
+    "--set",
+    "fisher_samples=64",
+    "--set",
+    "width=16",
+    "--set",
+    "channels=8",
+    "--set",
+    "batch_size=32",
+    "--set",
+    "save_every=10",
+    "--set",
+    "log_every=10",
+]
 
 
 def readme_commands(text):

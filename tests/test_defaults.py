@@ -26,11 +26,22 @@ from dsm_jax.train import make_dsm_loss_fn, make_optimizer, train
 def test_model_and_loss_defaults_are_the_cli_defaults():
     cfg, model = Config(), NoiseConditionalMLP()
     assert (model.width, model.depth, model.embedding, model.fourier_scale) == (
-        cfg.width, cfg.depth, cfg.embedding, cfg.fourier_scale)
-    defaults = {k: p.default for k, p in inspect.signature(make_dsm_loss_fn).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    assert defaults == {"weighting": cfg.weighting, "parameterization": cfg.parameterization,
-                        "sigma_sampling": cfg.sigma_sampling, "scale_by_sigma": cfg.scale_by_sigma}
+        cfg.width,
+        cfg.depth,
+        cfg.embedding,
+        cfg.fourier_scale,
+    )
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(make_dsm_loss_fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    assert defaults == {
+        "weighting": cfg.weighting,
+        "parameterization": cfg.parameterization,
+        "sigma_sampling": cfg.sigma_sampling,
+        "scale_by_sigma": cfg.scale_by_sigma,
+    }
 
 
 @pytest.mark.slow
@@ -72,9 +83,19 @@ def test_a_users_3d_mixture_trained_with_the_defaults_samples_with_the_ode(tmp_p
     params = init_params(model, jax.random.key(2), jnp.asarray(data[:1]))
     loss_fn = make_dsm_loss_fn(model, sigmas)
     batch, num_steps = 256, 1000
-    state = train(loss_fn, params, lambda s: data[(s * batch + np.arange(batch)) % len(data)], workdir=tmp_path,
-                  num_steps=num_steps, optimizer=make_optimizer(Config().learning_rate, warmup_steps=100),
-                  ema_decay=0.99, steps_per_call=50, save_every=num_steps, log_every=num_steps, quiet=True)
+    state = train(
+        loss_fn,
+        params,
+        lambda s: data[(s * batch + np.arange(batch)) % len(data)],
+        workdir=tmp_path,
+        num_steps=num_steps,
+        optimizer=make_optimizer(Config().learning_rate, warmup_steps=100),
+        ema_decay=0.99,
+        steps_per_call=50,
+        save_every=num_steps,
+        log_every=num_steps,
+        quiet=True,
+    )
 
     sde = VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]))
     x_init = sde.prior_sample(jax.random.key(3), (n, 3))
@@ -87,8 +108,10 @@ def test_a_users_3d_mixture_trained_with_the_defaults_samples_with_the_ode(tmp_p
     weights = np.asarray(metrics.mode_weights(learned.samples, mixture).weights)
     reference = np.asarray(metrics.mode_weights(exact.samples, mixture).weights)
     tolerance = 3.0 * np.sqrt(2.0 * reference * (1.0 - reference) / n)
-    print(f"MMD^2 / floor {ratio:.2f}; mode weights {np.round(weights, 3)} (exact score {np.round(reference, 3)}, "
-          f"tolerance {np.round(tolerance, 3)}); evaluations {int(learned.nfe)} (exact score {int(exact.nfe)})")
+    print(
+        f"MMD^2 / floor {ratio:.2f}; mode weights {np.round(weights, 3)} (exact score {np.round(reference, 3)}, "
+        f"tolerance {np.round(tolerance, 3)}); evaluations {int(learned.nfe)} (exact score {int(exact.nfe)})"
+    )
     assert ratio < 5.0
     np.testing.assert_array_less(np.abs(weights - reference), tolerance)
     # A smooth learned field: not many more solver steps than the exact one (old defaults: 36x).

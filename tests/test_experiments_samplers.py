@@ -64,8 +64,15 @@ def test_study10_digits_unet(tmp_path):
 
 def test_study11_sure(tmp_path):
     r = _run("study11_sure", tmp_path)
-    assert _finite([r["psnr_noisy"], r["psnr_wiener_clean_fit"], r["psnr_sure_noisy_only"], r["psnr_dsm_clean"],
-                    r["psnr_sure_early_stopped"]])
+    assert _finite(
+        [
+            r["psnr_noisy"],
+            r["psnr_wiener_clean_fit"],
+            r["psnr_sure_noisy_only"],
+            r["psnr_dsm_clean"],
+            r["psnr_sure_early_stopped"],
+        ]
+    )
     assert r["psnr_wiener_clean_fit"] > r["psnr_noisy"]
     for name in ("sure_noisy_only", "dsm_clean"):
         assert [row["step"] for row in r["curves"][name]] == [2, 4]
@@ -81,5 +88,11 @@ def test_study12_inpainting(tmp_path):
     for mask in ("bottom_half_missing", "right_half_missing"):
         row = r[mask]
         assert row["known_pixels_kept_exactly"] is True
-        assert _finite([row["psnr_score_model"], row["psnr_score_model_mean_of_draws"],
-                        row["psnr_linear_conditional_mean"], row["psnr_mean_image"]])
+        assert _finite(
+            [
+                row["psnr_score_model"],
+                row["psnr_score_model_mean_of_draws"],
+                row["psnr_linear_conditional_mean"],
+                row["psnr_mean_image"],
+            ]
+        )

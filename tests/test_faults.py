@@ -28,12 +28,36 @@ from dsm_jax.interrupt import call_interruptibly
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--dataset", "two_clusters", "--quiet",
-    "--set", "num_train=512", "--set", "num_test=256", "--set", "width=32", "--set", "depth=1",
-    "--set", "num_sigmas=4", "--set", "batch_size=64", "--set", "steps_per_call=10", "--set", "save_every=10",
-    "--set", "log_every=10", "--set", "warmup_steps=5", "--set", "fisher_samples=256",
+    "--dataset",
+    "two_clusters",
+    "--quiet",
+    "--set",
+    "num_train=512",
+    "--set",
+    "num_test=256",
+    "--set",
+    "width=32",
+    "--set",
+    "depth=1",
+    "--set",
+    "num_sigmas=4",
+    "--set",
+    "batch_size=64",
+    "--set",
+    "steps_per_call=10",
+    "--set",
+    "save_every=10",
+    "--set",
+    "log_every=10",
+    "--set",
+    "warmup_steps=5",
+    "--set",
+    "fisher_samples=256",
     # Sampling long enough (4 x 3000 steps of 2000 samples, several seconds) for a signal to land inside it.
-    "--set", "num_samples=2000", "--set", "steps_per_sigma=3000",
+    "--set",
+    "num_samples=2000",
+    "--set",
+    "steps_per_sigma=3000",
 ]
 # Signals must reach the sampler within this; the sampler alone runs longer (checked below).
 PROMPT_SECONDS = 3.0
@@ -68,10 +92,18 @@ def _events(workdir: Path) -> list:
 
 
 def _spawn(argv, extra_env=None) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     env.update(extra_env or {})
-    return subprocess.Popen([sys.executable, "-m", "dsm_jax", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dsm_jax", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120.0) -> None:
@@ -144,9 +176,11 @@ def test_sigint_while_training_checkpoints_resumes_and_a_second_writer_is_refuse
         assert json.loads(held)["pid"] == proc.pid
         # While it runs: another train, an --overwrite with another config and an evaluate are all refused.
         config_before = (workdir / "config.json").read_bytes()
-        for argv in (_train_argv(workdir, "--no-sample"),
-                     _train_argv(workdir, "--no-sample", "--overwrite", "--set", "width=48"),
-                     ["evaluate", "--workdir", str(workdir)]):
+        for argv in (
+            _train_argv(workdir, "--no-sample"),
+            _train_argv(workdir, "--no-sample", "--overwrite", "--set", "width=48"),
+            ["evaluate", "--workdir", str(workdir)],
+        ):
             capsys.readouterr()
             assert cli.main(argv) == cli.EXIT_USER_ERROR
             line = _one_line_error(capsys.readouterr().err)
@@ -174,7 +208,9 @@ def test_sigterm_while_training_checkpoints_and_says_so(tmp_path):
         proc.kill()
     assert code == 143, err  # was 143 with nothing printed
     steps = _checkpoint_steps(workdir)
-    assert len(steps) == 1 and f"interrupted (SIGTERM) at step {steps[0]}, which was checkpointed" in _one_line_error(err)
+    assert len(steps) == 1 and f"interrupted (SIGTERM) at step {steps[0]}, which was checkpointed" in _one_line_error(
+        err
+    )
     assert _events(workdir)[-1] == {"event": "interrupted", "step": steps[0], "signal": "SIGTERM"}
 
 
@@ -207,8 +243,12 @@ def test_a_late_error_under_overwrite_deletes_nothing_and_writes_no_config(run_c
         f"a = cli.main({_train_argv(run_copy, '--overwrite', '--set', 'width=48')!r}); "
         f"b = cli.main({_train_argv(fresh)!r}); print('STATUS', a, b)"
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3").strip())
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3").strip(),
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "STATUS 2 2" in proc.stdout, proc.stdout + proc.stderr
     errors = proc.stderr.strip().splitlines()
@@ -229,7 +269,9 @@ def test_overwrite_with_the_same_config_resumes_and_keeps_everything(run_copy, c
     out = capsys.readouterr().out
     assert "same training config; resuming it (nothing deleted)" in out and "resuming in" in out
     assert (run_copy / "my_analysis.txt").read_text() == "keep me"
-    assert _checkpoint_steps(run_copy)[-1] == 30 and {"event": "resume", "step": 20, "num_devices": 1} in _events(run_copy)
+    assert _checkpoint_steps(run_copy)[-1] == 30 and {"event": "resume", "step": 20, "num_devices": 1} in _events(
+        run_copy
+    )
 
 
 def test_overwrite_with_another_config_refuses_foreign_files_then_deletes_only_run_files(run_copy, capsys):
@@ -294,10 +336,19 @@ def _terminated_at_step_20(*args, workdir, **kwargs):
 @pytest.mark.parametrize(
     "target, fake, status, needle",
     [
-        ("dsm_jax.run.build_run", _raiser(KeyboardInterrupt()), 130, "interrupted (SIGINT) before anything was changed"),
+        (
+            "dsm_jax.run.build_run",
+            _raiser(KeyboardInterrupt()),
+            130,
+            "interrupted (SIGINT) before anything was changed",
+        ),
         ("dsm_jax.train.train", _raiser(KeyboardInterrupt()), 130, "interrupted (SIGINT) before the first checkpoint"),
-        ("dsm_jax.train.train", _terminated_at_step_20, 143,
-         "interrupted (SIGTERM) at step 20, which was checkpointed"),
+        (
+            "dsm_jax.train.train",
+            _terminated_at_step_20,
+            143,
+            "interrupted (SIGTERM) at step 20, which was checkpointed",
+        ),
     ],
 )
 def test_interrupt_messages_say_what_was_kept(target, fake, status, needle, tmp_path, monkeypatch, capsys):
@@ -358,9 +409,11 @@ def test_a_read_only_directory_is_one_line(tmpfs, run, capsys):
     shutil.copytree(run, tmpfs / "run")
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     before = _snapshot(tmpfs / "run")
-    for argv, path in ((["evaluate", "--workdir", str(tmpfs / "run")], tmpfs / "run"),
-                       (_train_argv(tmpfs / "run", steps=30), tmpfs / "run"),
-                       (_train_argv(tmpfs / "new"), tmpfs / "new")):
+    for argv, path in (
+        (["evaluate", "--workdir", str(tmpfs / "run")], tmpfs / "run"),
+        (_train_argv(tmpfs / "run", steps=30), tmpfs / "run"),
+        (_train_argv(tmpfs / "new"), tmpfs / "new"),
+    ):
         capsys.readouterr()
         assert cli.main(argv) == cli.EXIT_USER_ERROR
         line = _one_line_error(capsys.readouterr().err)
@@ -397,8 +450,10 @@ USER_ERRORS = [
     (["sample", "--workdir", "{RUN}", "--num", "0"], "--num: must be a positive integer"),
     (["sample", "--workdir", "{RUN}", "--seed", "-3"], "--seed: must be an integer >= 0"),
     (["train", "--seed", "-1"], "--seed: must be an integer >= 0"),
-    (["denoise", "--workdir", "{RUN}", "--input", "{T}/noisy.npy", "--sigma", "0.1", "--output", "{T}/dir.npy"],
-     "is a directory"),
+    (
+        ["denoise", "--workdir", "{RUN}", "--input", "{T}/noisy.npy", "--sigma", "0.1", "--output", "{T}/dir.npy"],
+        "is a directory",
+    ),
     (["sample", "--workdir", "{T}/edited", "--num", "16"], "does not match the run's checkpoint"),
     (["train", "--workdir", "{T}/w", "--dataset", "{T}/text.npy"], "it is not a .npy file (np.save)"),
     (["train", "--workdir", "{T}/w", "--dataset", "{T}/dir.npy"], "is a directory, not a .npy/.npz file"),
@@ -455,13 +510,17 @@ def test_samples_that_all_diverged_are_reported_as_such(run_copy, monkeypatch, c
 
 
 def _hold_lock_in_another_process(directory: Path) -> subprocess.Popen:
-    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from dsm_jax.workdir import WorkdirLock; "
-            "WorkdirLock(sys.argv[1], command='train').acquire(); print('held', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from dsm_jax.workdir import WorkdirLock; "
+        "WorkdirLock(sys.argv[1], command='train').acquire(); print('held', flush=True); time.sleep(600)"
+    )
     # dsm_jax/__init__ imports JAX; load workdir.py alone so this helper starts in a fraction of a second.
-    code = code.replace("from dsm_jax.workdir import WorkdirLock",
-                        "import importlib.util as u; s = u.spec_from_file_location('w', sys.argv[2] + "
-                        "'/dsm_jax/workdir.py'); m = u.module_from_spec(s); s.loader.exec_module(m); "
-                        "WorkdirLock = m.WorkdirLock")
+    code = code.replace(
+        "from dsm_jax.workdir import WorkdirLock",
+        "import importlib.util as u; s = u.spec_from_file_location('w', sys.argv[2] + "
+        "'/dsm_jax/workdir.py'); m = u.module_from_spec(s); s.loader.exec_module(m); "
+        "WorkdirLock = m.WorkdirLock",
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(directory), str(ROOT)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -499,10 +558,21 @@ def test_denoise_locks_the_run_only_when_it_writes_there(run_copy, tmp_path, cap
 
 
 def test_clear_run_files_deletes_only_what_a_run_writes(tmp_path, monkeypatch):
-    run_names = ["checkpoints", "config.json", "metrics.jsonl", "metrics.json", "samples.npz", "samples.png",
-                 "samples_em_n32_seed0.npz", "samples_em_n32_seed0_metrics.json", "eval_ode_n32_seed0.json",
-                 "eval_ode_n32_seed0.npz", "score_field.png", "losses.png",
-                 ".metrics.json.tmp123.json"]
+    run_names = [
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+        "metrics.json",
+        "samples.npz",
+        "samples.png",
+        "samples_em_n32_seed0.npz",
+        "samples_em_n32_seed0_metrics.json",
+        "eval_ode_n32_seed0.json",
+        "eval_ode_n32_seed0.npz",
+        "score_field.png",
+        "losses.png",
+        ".metrics.json.tmp123.json",
+    ]
     for name in run_names:
         (tmp_path / name).mkdir() if name == "checkpoints" else (tmp_path / name).write_text('{"config": {}}')
     (tmp_path / "checkpoints" / "20").mkdir()

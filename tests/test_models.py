@@ -39,7 +39,7 @@ for _model, _shape in MODELS.values():
     MODEL_INPUT.setdefault(_model, (1,) + _shape[1:])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(model):
     return init_params(model, jax.random.key(1), jnp.zeros(MODEL_INPUT[model]))
 
@@ -73,7 +73,9 @@ def test_examples_do_not_interact(name):
     np.testing.assert_allclose(one_by_one, full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", [NoiseConditionalMLP(width=16, depth=1), UNet(channels=4, groups=2, channel_mults=(1,))])
+@pytest.mark.parametrize(
+    "model", [NoiseConditionalMLP(width=16, depth=1), UNet(channels=4, groups=2, channel_mults=(1,))]
+)
 def test_zero_initialised_output(model):
     x = jnp.ones((2, 8, 8, 1)) if isinstance(model, UNet) else jnp.ones((2, 2))
     params = init_params(model, jax.random.key(0), x)
@@ -90,7 +92,9 @@ def test_scale_by_sigma_and_score_fn():
     score = make_score_fn(model, params, parameterization="eps")(x, sigma)
     np.testing.assert_allclose(score, -raw / sigma[:, None], rtol=1e-6)
     # A scalar sigma is broadcast to [B].
-    np.testing.assert_allclose(make_model_fn(model, params)(x, 0.5), model.apply({"params": params}, x, jnp.full(5, 0.5)))
+    np.testing.assert_allclose(
+        make_model_fn(model, params)(x, 0.5), model.apply({"params": params}, x, jnp.full(5, 0.5))
+    )
 
 
 def test_sinusoidal_embedding_matches_formula():

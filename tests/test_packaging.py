@@ -23,11 +23,22 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 # Every module of the package, as a path relative to the project root.
-MODULES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "dsm_jax").rglob("*.py")
-                 if "__pycache__" not in p.parts)
+MODULES = sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "dsm_jax").rglob("*.py") if "__pycache__" not in p.parts
+)
 # What a work tree may hold that is not the project (caches, runs, earlier builds).
-NOT_PROJECT = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "__pycache__", ".pytest_cache",
-                                     ".ipynb_checkpoints", "*.egg-info", "workdir*")
+NOT_PROJECT = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "runs",
+    "build",
+    "dist",
+    "__pycache__",
+    ".pytest_cache",
+    ".ipynb_checkpoints",
+    "*.egg-info",
+    "workdir*",
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +47,12 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packaging")
     source = tmp / "source"
     shutil.copytree(ROOT, source, ignore=NOT_PROJECT)
-    out = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(source)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     version = PROJECT["version"]
     sdist, wheel = tmp / "dist" / f"dsm_jax-{version}.tar.gz", tmp / "dist" / f"dsm_jax-{version}-py3-none-any.whl"
@@ -58,8 +73,12 @@ def test_build_has_no_deprecation_warnings(built):
 def test_twine_check_passes(built):
     pytest.importorskip("twine")
     sdist, wheel, _ = built
-    out = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(wheel)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("PASSED") == 2, out.stdout
 
@@ -83,7 +102,7 @@ def test_sdist_and_wheel_hold_every_module(built):
     sdist, wheel, _ = built
     prefix = f"dsm_jax-{PROJECT['version']}/"
     with tarfile.open(sdist) as t:
-        in_sdist = {n[len(prefix):] for n in t.getnames() if n.startswith(prefix)}
+        in_sdist = {n[len(prefix) :] for n in t.getnames() if n.startswith(prefix)}
     assert {"pyproject.toml", "README.md", "LICENSE", *MODULES} <= in_sdist, sorted(set(MODULES) - in_sdist)
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()

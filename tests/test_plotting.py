@@ -31,8 +31,13 @@ def _blob_log_prob(x):
 def test_score_field_png(tmp_path):
     from matplotlib.figure import Figure
 
-    fig = P.plot_score_field(lambda x: -np.asarray(x), log_prob_fn=_blob_log_prob, path=tmp_path / "a" / "field.png",
-                             num_arrows=9, resolution=40)
+    fig = P.plot_score_field(
+        lambda x: -np.asarray(x),
+        log_prob_fn=_blob_log_prob,
+        path=tmp_path / "a" / "field.png",
+        num_arrows=9,
+        resolution=40,
+    )
     assert isinstance(fig, Figure)
     _check_png(tmp_path / "a" / "field.png")
     # Background from data instead of a density, default limits from the data.
@@ -102,8 +107,15 @@ def test_losses_from_records_and_jsonl(tmp_path):
 
 
 def _records_20_sigmas(sigmas):
-    return [{"step": s, "loss": 1.0 / s, "grad_norm": 1.0 + 1.0 / s,
-             "per_sigma_loss": [1.0 / (s * sig**2) for sig in sigmas]} for s in range(10, 210, 10)]
+    return [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "grad_norm": 1.0 + 1.0 / s,
+            "per_sigma_loss": [1.0 / (s * sig**2) for sig in sigmas],
+        }
+        for s in range(10, 210, 10)
+    ]
 
 
 def test_losses_colour_twenty_sigmas_by_a_log_colorbar():
@@ -150,8 +162,12 @@ def test_score_field_has_a_colorbar_a_note_on_normalised_arrows_and_crops_to_the
     # Density above 1% of its peak reaches 2 + 0.5 * sqrt(2 ln 100) = 3.52 from the origin; with the margin ~4.2.
     assert 3.5 < x1 < 5.0 and -5.0 < x0 < -3.5 and 3.5 < y1 < 5.0
     # A narrow density far from the origin: the box moves there and shrinks around it.
-    fig = P.plot_score_field(lambda x: -np.asarray(x), num_arrows=5, resolution=20,
-                             log_prob_fn=lambda x: -np.sum((np.asarray(x) - [20.0, -10.0]) ** 2, 1) / 0.02)
+    fig = P.plot_score_field(
+        lambda x: -np.asarray(x),
+        num_arrows=5,
+        resolution=20,
+        log_prob_fn=lambda x: -np.sum((np.asarray(x) - [20.0, -10.0]) ** 2, 1) / 0.02,
+    )
     (x0, x1), (y0, y1) = fig.axes[0].get_xlim(), fig.axes[0].get_ylim()
     assert x0 < 20.0 < x1 and y0 < -10.0 < y1 and x1 - x0 < 3.0
     # Background from data: a histogram density with its colorbar.

@@ -15,9 +15,24 @@ from dsm_jax import run as run_lib
 from dsm_jax.config import Config
 from dsm_jax.models import init_params
 
-TINY = Config(dataset="two_clusters", num_train=256, num_test=64, width=16, depth=1, num_sigmas=3, batch_size=32,
-              steps_per_call=5, save_every=10, log_every=5, warmup_steps=2, num_samples=32, steps_per_sigma=2,
-              sde_steps=4, fisher_samples=32, num_steps=10)
+TINY = Config(
+    dataset="two_clusters",
+    num_train=256,
+    num_test=64,
+    width=16,
+    depth=1,
+    num_sigmas=3,
+    batch_size=32,
+    steps_per_call=5,
+    save_every=10,
+    log_every=5,
+    warmup_steps=2,
+    num_samples=32,
+    steps_per_sigma=2,
+    sde_steps=4,
+    fisher_samples=32,
+    num_steps=10,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +112,13 @@ def test_draw_samples_refuses_an_unknown_sampler(tiny_run):
 def test_output_names_keep_the_training_record_apart():
     cfg = Config()
     assert run_lib.output_names(cfg, "ode", 32, 0, evaluate=False) == {
-        "stem": "samples_ode_n32_seed0", "metrics_name": "samples_ode_n32_seed0_metrics.json"}
+        "stem": "samples_ode_n32_seed0",
+        "metrics_name": "samples_ode_n32_seed0_metrics.json",
+    }
     assert run_lib.output_names(cfg, "em", 32, 3, evaluate=True) == {
-        "stem": "eval_em_n32_seed3", "metrics_name": "eval_em_n32_seed3.json"}
+        "stem": "eval_em_n32_seed3",
+        "metrics_name": "eval_em_n32_seed3.json",
+    }
     assert run_lib.output_names(cfg, cfg.sampler, cfg.num_samples, cfg.seed, evaluate=True) == {}
 
 
@@ -123,15 +142,16 @@ def test_plan_workdir_says_what_training_would_do_and_changes_nothing(tmp_path):
 def test_train_and_sample_trains_a_work_directory_without_the_command_line(tmp_path):
     phases = []
     workdir = tmp_path / "w"
-    run, state, results = run_lib.train_and_sample(TINY, str(workdir), sample=False, quiet=True,
-                                                   on_phase=phases.append)
+    run, state, results = run_lib.train_and_sample(TINY, str(workdir), sample=False, quiet=True, on_phase=phases.append)
     assert phases == [run_lib.PREPARING, run_lib.TRAINING] and results is None
     assert int(state.step) == TINY.num_steps and run.config == TINY  # user_set=None: the config as given
     saved = json.loads((workdir / "config.json").read_text())
     assert Config.from_dict(saved["config"]) == TINY and saved["resolved"] == run.resolved
     loaded, params = run_lib.load_trained(workdir)
     assert loaded.config == TINY
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params)))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params), strict=False)
+    )
     assert not (workdir / "samples.npz").exists()
 
 

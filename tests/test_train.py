@@ -77,8 +77,15 @@ def _optimizer():
 
 def _run(workdir, num_steps, *, toy=None, **kwargs):
     loss_fn, params, batch_at = toy if toy is not None else _toy()
-    return train(loss_fn, params, batch_at, workdir=str(workdir), num_steps=num_steps,
-                 optimizer=_optimizer(), **{**TRAIN_KW, "save_every": 10, **kwargs})
+    return train(
+        loss_fn,
+        params,
+        batch_at,
+        workdir=str(workdir),
+        num_steps=num_steps,
+        optimizer=_optimizer(),
+        **{**TRAIN_KW, "save_every": 10, **kwargs},
+    )
 
 
 def _events(workdir, name):
@@ -116,8 +123,13 @@ def _worker_cmd(mode, workdir, **kwargs):
 
 
 def _run_worker(mode, workdir, *, num_devices=1, timeout=240, **kwargs):
-    proc = subprocess.run(_worker_cmd(mode, workdir, **kwargs), env=_worker_env(num_devices),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        _worker_cmd(mode, workdir, **kwargs),
+        env=_worker_env(num_devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -170,13 +182,14 @@ def test_train_step_one_step_by_hand():
     new, metrics = jax.jit(make_train_step(loss_fn, opt, ema_decay=0.75))(state, batch, key)
 
     keys = [jax.random.fold_in(key, j) for j in range(batch.shape[0])]
-    mean_loss = lambda p: jnp.mean(jnp.stack([loss_fn(p, batch[j:j + 1], keys[j])[0] for j in range(len(keys))]))
+    mean_loss = lambda p: jnp.mean(jnp.stack([loss_fn(p, batch[j : j + 1], keys[j])[0] for j in range(len(keys))]))
     loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
     updates, _ = opt.update(grads, opt.init(params), params)
     expected = optax.apply_updates(params, updates)
     chex.assert_trees_all_close(new.params, expected, rtol=1e-5, atol=1e-7)
-    chex.assert_trees_all_close(new.ema_params, jax.tree.map(lambda p, q: 0.75 * p + 0.25 * q, params, expected),
-                                rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(
+        new.ema_params, jax.tree.map(lambda p, q: 0.75 * p + 0.25 * q, params, expected), rtol=1e-5, atol=1e-7
+    )
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     grad_norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
     np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-5)
@@ -302,10 +315,17 @@ def test_the_key_batch_protocol_is_an_explicit_argument():
 
 
 def test_dsm_jax_train_does_not_load_the_networks():
-    code = ("import sys, dsm_jax.train as t; assert 'dsm_jax.models' not in sys.modules; "
-            "from dsm_jax.train import make_dsm_loss_fn; assert 'dsm_jax.models' in sys.modules; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    code = (
+        "import sys, dsm_jax.train as t; assert 'dsm_jax.models' not in sys.modules; "
+        "from dsm_jax.train import make_dsm_loss_fn; assert 'dsm_jax.models' in sys.modules; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -321,20 +341,26 @@ def _pmap_worker(workdir):
     toy = _toy()
     four = _run(os.path.join(workdir, "four"), 10, toy=toy, devices=devices)
     one = _run(os.path.join(workdir, "one"), 10, toy=toy, devices=devices[:1])
-    diff = lambda a, b: max(float(np.max(np.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    diff = lambda a, b: max(
+        float(np.max(np.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False)
+    )
     loss_fn, params, batch_at = toy
     try:
         _run(os.path.join(workdir, "odd"), 1, toy=(loss_fn, params, lambda s: batch_at(s)[:14]), devices=devices)
         error = None
     except ValueError as err:
         error = str(err)
-    print(json.dumps({
-        "params_diff": diff(four.params, one.params),
-        "ema_diff": diff(four.ema_params, one.ema_params),
-        "moved": diff(one.params, params),
-        "steps": [int(four.step), int(one.step)],
-        "error": error,
-    }))
+    print(
+        json.dumps(
+            {
+                "params_diff": diff(four.params, one.params),
+                "ema_diff": diff(four.ema_params, one.ema_params),
+                "moved": diff(one.params, params),
+                "steps": [int(four.step), int(one.step)],
+                "error": error,
+            }
+        )
+    )
 
 
 def test_pmap_four_devices_match_one(tmp_path):
@@ -394,11 +420,17 @@ def test_stateful_data_source_resumes_exactly(tmp_path, uninterrupted):
 
 def test_sigkill_mid_training_resumes_and_finishes(tmp_path, uninterrupted):
     """Killed after logging steps past its last checkpoint: the replayed steps are logged once, the end is bitwise."""
-    proc = subprocess.Popen(_worker_cmd("train", tmp_path, num_steps=40, sleep=0.08),
-                            env=_worker_env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _worker_cmd("train", tmp_path, num_steps=40, sleep=0.08), env=_worker_env(), stderr=subprocess.PIPE, text=True
+    )
     # Saves every 10 steps, logs every 5: wait for the log of step 25 before the save of step 30.
-    _wait_for(lambda: any(s >= 20 for s in _logged_saves(tmp_path))
-              and max(_logged_steps(tmp_path)) > max(_logged_saves(tmp_path)), proc)
+    _wait_for(
+        lambda: (
+            any(s >= 20 for s in _logged_saves(tmp_path))
+            and max(_logged_steps(tmp_path)) > max(_logged_saves(tmp_path))
+        ),
+        proc,
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -426,14 +458,27 @@ def test_a_partial_last_line_is_dropped_before_resuming(tmp_path):
 
 def test_read_metrics_skips_bad_lines_and_keeps_the_latest_record_per_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    lines = ['{"event": "start", "step": 0}', '{"step": 5, "loss": 1.0}', '{"step": 10, "loss": 0.9}',
-             '{"step": 12, "loss": 0.8{"event": "resume", "step": 10}', '{"step": 15, "loss": 0.7}',
-             '{"event": "resume", "step": 10}', '{"step": 15, "loss": 0.6}', "[1, 2]", ""]
+    lines = [
+        '{"event": "start", "step": 0}',
+        '{"step": 5, "loss": 1.0}',
+        '{"step": 10, "loss": 0.9}',
+        '{"step": 12, "loss": 0.8{"event": "resume", "step": 10}',
+        '{"step": 15, "loss": 0.7}',
+        '{"event": "resume", "step": 10}',
+        '{"step": 15, "loss": 0.6}',
+        "[1, 2]",
+        "",
+    ]
     path.write_text("\n".join(lines) + "\n")
     with pytest.warns(MetricsLogWarning, match=r"2 unreadable line\(s\) \(line 4, 8\)"):
         records = read_metrics(path)
-    assert records == [{"event": "start", "step": 0}, {"step": 5, "loss": 1.0}, {"step": 10, "loss": 0.9},
-                       {"event": "resume", "step": 10}, {"step": 15, "loss": 0.6}]
+    assert records == [
+        {"event": "start", "step": 0},
+        {"step": 5, "loss": 1.0},
+        {"step": 10, "loss": 0.9},
+        {"event": "resume", "step": 10},
+        {"step": 15, "loss": 0.6},
+    ]
     with pytest.warns(MetricsLogWarning):
         assert [r["loss"] for r in read_metrics(path, events=False)] == [1.0, 0.9, 0.6]
     with pytest.raises(ValueError, match="path"):
@@ -456,8 +501,12 @@ def test_repair_metrics_keeps_events_and_unreadable_lines_and_rewrites_only_on_c
 
 
 def test_sigterm_saves_the_current_step(tmp_path):
-    proc = subprocess.Popen(_worker_cmd("train", tmp_path, num_steps=100000, save_every=1000, sleep=0.02),
-                            env=_worker_env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _worker_cmd("train", tmp_path, num_steps=100000, save_every=1000, sleep=0.02),
+        env=_worker_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(lambda: any(s >= 15 for s in _logged_steps(tmp_path)), proc)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
@@ -483,14 +532,21 @@ def test_a_signal_raises_an_exception_naming_the_saved_step(tmp_path, signum, ki
         assert err.code == 143
     with Checkpointer(err.checkpoint_dir) as ckpt:
         assert ckpt.latest_step() == 8
-    assert _events(tmp_path, "interrupted")[0] == {"event": "interrupted", "step": 8, "signal": signal.Signals(signum).name}
+    assert _events(tmp_path, "interrupted")[0] == {
+        "event": "interrupted",
+        "step": 8,
+        "signal": signal.Signals(signum).name,
+    }
 
 
 def test_resuming_with_a_different_config_is_an_error(tmp_path):
     _run(tmp_path, 10, config={"lr": 0.003, "width": 16, "seed": 0})
     before = _tree_digest(tmp_path)
-    with pytest.raises(ConfigMismatchError, match=r"config differs .* step 10 .*\(lr: 0.003 saved, 0.001 now; seed: 0 saved, "
-                                         r"absent now; width: 16 saved, 32 now\)"):
+    with pytest.raises(
+        ConfigMismatchError,
+        match=r"config differs .* step 10 .*\(lr: 0.003 saved, 0.001 now; seed: 0 saved, "
+        r"absent now; width: 16 saved, 32 now\)",
+    ):
         _run(tmp_path, 20, config={"lr": 0.001, "width": 32})
     assert _tree_digest(tmp_path) == before  # nothing written, not even the log
     assert int(_run(tmp_path, 20, config={"lr": 0.003, "width": 16, "seed": 0}).step) == 20
@@ -609,15 +665,27 @@ def test_learning_reduces_the_fisher_divergence(tmp_path):
     params = init_params(model, jax.random.key(1), data[:1])
     loss_fn = make_dsm_loss_fn(model, sigmas, scale_by_sigma=True)
     batch = 128
-    state = train(loss_fn, params, lambda s: data[(s * batch + np.arange(batch)) % len(data)],
-                  workdir=str(tmp_path), num_steps=1500, steps_per_call=10, save_every=1500, log_every=500,
-                  optimizer=make_optimizer(2e-3, warmup_steps=100, total_steps=1500), ema_decay=0.99, quiet=True)
+    state = train(
+        loss_fn,
+        params,
+        lambda s: data[(s * batch + np.arange(batch)) % len(data)],
+        workdir=str(tmp_path),
+        num_steps=1500,
+        steps_per_call=10,
+        save_every=1500,
+        log_every=500,
+        optimizer=make_optimizer(2e-3, warmup_steps=100, total_steps=1500),
+        ema_decay=0.99,
+        quiet=True,
+    )
     untrained, _ = _relative_fisher(model, params, sigmas)
     trained, per_sigma = _relative_fisher(model, state.params, sigmas)
     ema, _ = _relative_fisher(model, state.ema_params, sigmas)
     rates = [r["steps_per_sec"] for r in map(json.loads, open(os.path.join(tmp_path, "metrics.jsonl"))) if "loss" in r]
-    print(f"relative Fisher divergence: untrained {untrained:.4f}, trained {trained:.4f}, EMA {ema:.4f}; "
-          f"per sigma {np.round(per_sigma, 4).tolist()}; steps/s per log interval {np.round(rates, 1).tolist()}")
+    print(
+        f"relative Fisher divergence: untrained {untrained:.4f}, trained {trained:.4f}, EMA {ema:.4f}; "
+        f"per sigma {np.round(per_sigma, 4).tolist()}; steps/s per log interval {np.round(rates, 1).tolist()}"
+    )
     np.testing.assert_allclose(untrained, 1.0, rtol=1e-6)
     assert trained < 0.1 * untrained
     assert ema < 0.1 * untrained
@@ -651,6 +719,5 @@ def test_runtime_checks_are_reported_with_the_step(tmp_path):
         with pytest.raises(ValueError, match=r"run-time check failed in steps 3-3 .*x must be finite"):
             train(loss_fn, params, batch_at, workdir=tmp_path, num_steps=6, save_every=100, quiet=True)
         # without the NaN batch the checked run trains as usual
-        state = train(loss_fn, params, lambda s: x, workdir=tmp_path / "ok", num_steps=4, save_every=100,
-                      quiet=True)
+        state = train(loss_fn, params, lambda s: x, workdir=tmp_path / "ok", num_steps=4, save_every=100, quiet=True)
     assert int(state.step) == 4

@@ -23,10 +23,10 @@ import warnings
 import chex
 import numpy as np
 import pytest
+from test_train import _raw_step_records, _run, _toy, _wait_for, _worker_env
 
 from dsm_jax.checkpoint import CorruptCheckpointWarning
 from dsm_jax.runlog import MetricsLogWarning
-from test_train import _raw_step_records, _run, _toy, _wait_for, _worker_env
 
 NUM_STEPS = 40  # save every 10, log every 5 (test_train's settings)
 

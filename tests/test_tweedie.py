@@ -85,7 +85,9 @@ def test_float32_and_per_example_sigma(getkey):
 def test_covariance_of_a_gaussian_is_constant():
     g = Gaussian(jnp.array([1.0, -1.0]), jnp.array([[1.0, 0.5], [0.5, 2.0]]))
     y = jnp.array([[0.0, 0.0], [10.0, -3.0]])
-    cov, expected = jax.jit(lambda y: (posterior_covariance(g.convolve(0.7).score, y, 0.7), g.posterior_covariance(y, 0.7)))(y)
+    cov, expected = jax.jit(
+        lambda y: (posterior_covariance(g.convolve(0.7).score, y, 0.7), g.posterior_covariance(y, 0.7))
+    )(y)
     np.testing.assert_allclose(cov, expected, rtol=1e-5, atol=1e-6)
 
 

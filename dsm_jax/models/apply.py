@@ -13,7 +13,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -36,7 +36,7 @@ def init_params(model: nn.Module, key: jax.Array, x: jax.Array) -> Any:
     x = jnp.asarray(x)[:1]
     sigma = jnp.ones((1,), x.dtype)
     lowered = jax.jit(lambda k: model.init(k, x, sigma)["params"]).lower(key)
-    options: Optional[dict[str, Any]] = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    options: dict[str, Any] | None = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     return lowered.compile(compiler_options=options)(key)
 
 
@@ -79,7 +79,9 @@ def make_score_fn(
     scale=1.0,
 ):
     """``score_fn(x, sigma)``: :func:`make_model_fn` converted by :func:`dsm_jax.parameterization.as_score_fn`."""
-    return as_score_fn(make_model_fn(model, params, scale_by_sigma=scale_by_sigma), parameterization=parameterization, scale=scale)
+    return as_score_fn(
+        make_model_fn(model, params, scale_by_sigma=scale_by_sigma), parameterization=parameterization, scale=scale
+    )
 
 
 def make_dsm_loss_fn(

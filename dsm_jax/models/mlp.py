@@ -87,6 +87,7 @@ class NoiseConditionalMLP(nn.Module):
         for _ in range(self.depth):
             h = ResidualBlock(self.width)(h, emb)
         h = nn.silu(nn.LayerNorm()(h))
-        out = nn.Dense(flat.shape[-1], kernel_init=_zeros if self.zero_init_output else nn.linear.default_kernel_init)(h)
+        out = nn.Dense(flat.shape[-1], kernel_init=_zeros if self.zero_init_output else nn.linear.default_kernel_init)(
+            h
+        )
         return out.reshape(x.shape)
-

@@ -11,13 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from harness import Bench, row, speedups
+from seed_mlp import LEARNING_RATE, SIGMA_MAX, SIGMA_MIN, Net, data, keys
 
 from dsm_jax.models import make_dsm_loss_fn
 from dsm_jax.noise import geometric_sigmas
 from dsm_jax.train import create_train_state, make_multi_step, make_train_step
-
-from harness import Bench, row, speedups
-from seed_mlp import LEARNING_RATE, SIGMA_MAX, SIGMA_MIN, Net, data, keys
 
 
 def jax_dsm_step(b: Bench, net: Net, steps_per_call: int = 1, *, per_example_keys: bool = True):
@@ -34,8 +33,10 @@ def jax_dsm_step(b: Bench, net: Net, steps_per_call: int = 1, *, per_example_key
     state = create_train_state(net.params, optimizer)
     shape = (net.module.dim, net.module.hidden, net.module.num_layers)
     # One jitted function per network shape, so that its compilations are shared.
-    step = b.once(("dsm_step", shape, steps_per_call, per_example_keys),
-                  lambda: _make_dsm_step(net.module, optimizer, steps_per_call, per_example_keys))
+    step = b.once(
+        ("dsm_step", shape, steps_per_call, per_example_keys),
+        lambda: _make_dsm_step(net.module, optimizer, steps_per_call, per_example_keys),
+    )
     return step, state
 
 
@@ -77,12 +78,22 @@ def _dsm_step_row(b: Bench, dim: int, batch: int) -> dict:
         torch, ref = tref
         opt = net.torch_optimizer()
         xt = torch.from_numpy(x)
-        contenders["pytorch"] = lambda: ref.train_step(net.torch_model, opt, ref.dsm_loss_log_uniform, xt, SIGMA_MIN, SIGMA_MAX)
+        contenders["pytorch"] = lambda: ref.train_step(
+            net.torch_model, opt, ref.dsm_loss_log_uniform, xt, SIGMA_MIN, SIGMA_MAX
+        )
     timed = b.time(contenders)
     timed[f"dsm_jax_{k}_per_call"]["median_s"] /= k  # per step
-    return row(f"d={dim} B={batch}", timed, speedups(timed, {
-        "torch/jax": ("pytorch", "dsm_jax"),
-        "torch/jax_batch_key": ("pytorch", "dsm_jax_batch_key"),
-        "torch/jax_k_per_call": ("pytorch", f"dsm_jax_{k}_per_call"),
-        "jax/jax_k_per_call": ("dsm_jax", f"dsm_jax_{k}_per_call"),
-    }), steps_per_call=k)
+    return row(
+        f"d={dim} B={batch}",
+        timed,
+        speedups(
+            timed,
+            {
+                "torch/jax": ("pytorch", "dsm_jax"),
+                "torch/jax_batch_key": ("pytorch", "dsm_jax_batch_key"),
+                "torch/jax_k_per_call": ("pytorch", f"dsm_jax_{k}_per_call"),
+                "jax/jax_k_per_call": ("dsm_jax", f"dsm_jax_{k}_per_call"),
+            },
+        ),
+        steps_per_call=k,
+    )

@@ -13,12 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from dsm_jax.losses import sliced_score_matching_loss
-
 from bench_dsm_step import jax_dsm_step, library_train_step
 from harness import Bench, row, speedups
 from seed_mlp import Net, data, keys, layer_shapes, matmul_flops_per_example
+
+from dsm_jax.losses import sliced_score_matching_loss
 
 
 def matmul_chain(dim: int, hidden: int, num_layers: int, batch: int):
@@ -31,7 +30,10 @@ def matmul_chain(dim: int, hidden: int, num_layers: int, batch: int):
     matmuls were free. Returns ``(jitted chain, operands)``.
     """
     rng = np.random.default_rng(0)
-    weights = [jnp.asarray(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[0])) for s in layer_shapes(dim, hidden, num_layers)]
+    weights = [
+        jnp.asarray(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[0]))
+        for s in layer_shapes(dim, hidden, num_layers)
+    ]
     sigma = jnp.asarray(rng.standard_normal((batch, 1)).astype(np.float32))
     x = jnp.asarray(rng.standard_normal((batch, dim)).astype(np.float32))
 
@@ -95,12 +97,24 @@ def bench_flops(b: Bench) -> list:
         name = f"d={dim}"
         rate = flops[name] / timed[f"dsm_step_{name}"]["median_s"]
         shown = (f"dsm_step_{name}", f"dsm_step_k_per_call_{name}", f"matmuls_only_{name}", "jnp.dot", "torch.mm")
-        rows.append(row(f"{name} B={batch}", {k_: v for k_, v in timed.items() if k_ in shown},
-                        {"fraction_of_peak": rate / peak,
-                         "fraction_of_peak_k_per_call": flops[name] / timed[f"dsm_step_k_per_call_{name}"]["median_s"] / peak,
-                         "matmuls_only_fraction_of_peak": flops[name] / timed[f"matmuls_only_{name}"]["median_s"] / peak},
-                        step_matmul_flops_by_hand=flops[name], step_flops_cost_analysis=cost[name],
-                        step_gflops_per_s=rate / 1e9, gemm_gflops_per_s={k_: v / 1e9 for k_, v in rates.items()}, gemm_n=n))
+        rows.append(
+            row(
+                f"{name} B={batch}",
+                {k_: v for k_, v in timed.items() if k_ in shown},
+                {
+                    "fraction_of_peak": rate / peak,
+                    "fraction_of_peak_k_per_call": flops[name]
+                    / timed[f"dsm_step_k_per_call_{name}"]["median_s"]
+                    / peak,
+                    "matmuls_only_fraction_of_peak": flops[name] / timed[f"matmuls_only_{name}"]["median_s"] / peak,
+                },
+                step_matmul_flops_by_hand=flops[name],
+                step_flops_cost_analysis=cost[name],
+                step_gflops_per_s=rate / 1e9,
+                gemm_gflops_per_s={k_: v / 1e9 for k_, v in rates.items()},
+                gemm_n=n,
+            )
+        )
     return rows
 
 
@@ -122,7 +136,9 @@ def bench_dim_scaling(b: Bench) -> list:
         part = {k: v for k, v in timed.items() if k.startswith(loss + "_")}
         ratios = speedups(part, {"t(d_max)/t(d_min)": (f"{loss}_d={hi}", f"{loss}_d={lo}")})
         # The MLP itself grows with d (first and last layer): the step's matmul FLOPs, by hand.
-        grow = matmul_flops_per_example(hi, cfg["hidden"], cfg["layers"], train=True) / matmul_flops_per_example(lo, cfg["hidden"], cfg["layers"], train=True)
+        grow = matmul_flops_per_example(hi, cfg["hidden"], cfg["layers"], train=True) / matmul_flops_per_example(
+            lo, cfg["hidden"], cfg["layers"], train=True
+        )
         ratios["time_ratio/flop_ratio"] = ratios["t(d_max)/t(d_min)"] / grow
         rows.append(row(f"{loss} B={batch} d={lo} vs d={hi}", part, ratios, network_flop_ratio=grow))
     return rows

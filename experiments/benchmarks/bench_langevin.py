@@ -10,12 +10,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from harness import Bench, row, speedups
+from seed_mlp import SIGMA_MIN, Net, data, matmul_flops_per_example
 
 from dsm_jax.noise import geometric_sigmas
 from dsm_jax.samplers import annealed_langevin
-
-from harness import Bench, row, speedups
-from seed_mlp import SIGMA_MIN, Net, data, matmul_flops_per_example
 
 
 def _langevin_python_loop(b: Bench, net: Net, x0, sig_list, steps, eps):
@@ -51,11 +50,16 @@ def _langevin_row(b: Bench, batch: int) -> dict:
     steps, eps = cfg["ld_steps"], cfg["ld_eps"]
     net = Net(dim, cfg, tref)
     x0 = data(dim, batch)
-    sample = jax.jit(lambda p, x, k: annealed_langevin(net.model_fn(p), x, k, sigmas, steps_per_sigma=steps, step_lr=eps,
-                                                       final_denoise=False))
+    sample = jax.jit(
+        lambda p, x, k: annealed_langevin(
+            net.model_fn(p), x, k, sigmas, steps_per_sigma=steps, step_lr=eps, final_denoise=False
+        )
+    )
     out = {"jax_finite": bool(np.all(np.isfinite(np.asarray(sample(net.params, jnp.asarray(x0), jax.random.key(0))))))}
-    contenders = {"dsm_jax_scan": b.blocking(sample, net.params, jnp.asarray(x0), jax.random.key(0)),
-                  "jax_python_loop": _langevin_python_loop(b, net, x0, sig_list, steps, eps)}
+    contenders = {
+        "dsm_jax_scan": b.blocking(sample, net.params, jnp.asarray(x0), jax.random.key(0)),
+        "jax_python_loop": _langevin_python_loop(b, net, x0, sig_list, steps, eps),
+    }
     if tref is not None:
         torch, ref = tref
         xt = torch.from_numpy(x0)
@@ -65,7 +69,15 @@ def _langevin_row(b: Bench, batch: int) -> dict:
     # Matmul FLOPs of the whole run (one forward pass per step), counted by hand.
     flops = len(sig_list) * steps * batch * matmul_flops_per_example(dim, cfg["hidden"], cfg["layers"], train=False)
     out["matmul_gflops_per_s"] = {k: flops / v["median_s"] / 1e9 for k, v in timed.items()}
-    return row(f"d={dim} B={batch} {len(sig_list)}x{steps}", timed, speedups(timed, {
-        "torch/jax": ("pytorch_loop", "dsm_jax_scan"),
-        "jax_loop/scan": ("jax_python_loop", "dsm_jax_scan"),
-    }), **out)
+    return row(
+        f"d={dim} B={batch} {len(sig_list)}x{steps}",
+        timed,
+        speedups(
+            timed,
+            {
+                "torch/jax": ("pytorch_loop", "dsm_jax_scan"),
+                "jax_loop/scan": ("jax_python_loop", "dsm_jax_scan"),
+            },
+        ),
+        **out,
+    )

@@ -9,12 +9,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from harness import Bench, row, speedups
+from seed_mlp import SIGMA_MAX, SIGMA_MIN, Net, data
 
 from dsm_jax.losses import dsm_loss, multiscale_dsm_loss
 from dsm_jax.noise import geometric_sigmas
-
-from harness import Bench, row, speedups
-from seed_mlp import SIGMA_MAX, SIGMA_MIN, Net, data
 
 
 def bench_multiscale(b: Bench) -> list:
@@ -33,14 +32,16 @@ def _multiscale_row(b: Bench, batch: int) -> dict:
 
     def looped(params, x, key):
         keys = jax.random.split(key, len(sig_list))
-        total = sum(s**2 * dsm_loss(net.model_fn(params), x, s, k) for s, k in zip(sig_list, keys))
+        total = sum(s**2 * dsm_loss(net.model_fn(params), x, s, k) for s, k in zip(sig_list, keys, strict=False))
         return total / len(sig_list)
 
     grad_v = jax.jit(jax.value_and_grad(vmapped))
     grad_l = jax.jit(jax.value_and_grad(looped))
     key = jax.random.key(0)
-    contenders = {"vmap_over_sigma": b.blocking(grad_v, net.params, x, key),
-                  "jax_python_loop": b.blocking(grad_l, net.params, x, key)}
+    contenders = {
+        "vmap_over_sigma": b.blocking(grad_v, net.params, x, key),
+        "jax_python_loop": b.blocking(grad_l, net.params, x, key),
+    }
     if tref is not None:
         torch, ref = tref
         xt = torch.from_numpy(np.array(x))
@@ -51,7 +52,14 @@ def _multiscale_row(b: Bench, batch: int) -> dict:
 
         contenders["pytorch_loop"] = torch_grad
     timed = b.time(contenders)
-    return row(f"d={dim} B={batch} L={len(sig_list)}", timed, speedups(timed, {
-        "jax_loop/vmap": ("jax_python_loop", "vmap_over_sigma"),
-        "torch_loop/vmap": ("pytorch_loop", "vmap_over_sigma"),
-    }))
+    return row(
+        f"d={dim} B={batch} L={len(sig_list)}",
+        timed,
+        speedups(
+            timed,
+            {
+                "jax_loop/vmap": ("jax_python_loop", "vmap_over_sigma"),
+                "torch_loop/vmap": ("pytorch_loop", "vmap_over_sigma"),
+            },
+        ),
+    )

@@ -13,13 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from dsm_jax.divergence import exact_divergence, resolve_chunk_size
-from dsm_jax.losses import explicit_score_matching_loss
-
 from bench_dsm_step import library_train_step
 from harness import Bench, row, speedups
 from seed_mlp import ESM_SIGMA, Net, data
+
+from dsm_jax.divergence import exact_divergence, resolve_chunk_size
+from dsm_jax.losses import explicit_score_matching_loss
 
 
 def _jacfwd_esm_loss(score_fn, x):
@@ -53,14 +52,24 @@ def _explicit_sm_row(b: Bench, dim: int) -> dict:
         torch, ref = tref
         opt = net.torch_optimizer()
         xt = torch.from_numpy(np.array(x))
-        contenders["pytorch_autograd_loop"] = lambda: ref.train_step(net.torch_model, opt, ref.explicit_sm_loss, xt, ESM_SIGMA)
+        contenders["pytorch_autograd_loop"] = lambda: ref.train_step(
+            net.torch_model, opt, ref.explicit_sm_loss, xt, ESM_SIGMA
+        )
     timed = b.time(contenders)
-    return row(f"d={dim} B={batch}", timed, speedups(timed, {
-        "torch/jvp": ("pytorch_autograd_loop", "jvp"),
-        "torch/jvp_whole_basis": ("pytorch_autograd_loop", "jvp_whole_basis"),
-        "torch/jvp_chunked": ("pytorch_autograd_loop", f"jvp_chunk{chunk}"),
-        "jacfwd/jvp": ("jacfwd_trace", "jvp"),
-    }), auto_chunk_size=resolve_chunk_size("auto", batch, dim))
+    return row(
+        f"d={dim} B={batch}",
+        timed,
+        speedups(
+            timed,
+            {
+                "torch/jvp": ("pytorch_autograd_loop", "jvp"),
+                "torch/jvp_whole_basis": ("pytorch_autograd_loop", "jvp_whole_basis"),
+                "torch/jvp_chunked": ("pytorch_autograd_loop", f"jvp_chunk{chunk}"),
+                "jacfwd/jvp": ("jacfwd_trace", "jvp"),
+            },
+        ),
+        auto_chunk_size=resolve_chunk_size("auto", batch, dim),
+    )
 
 
 def _memory(compiled) -> dict:
@@ -78,9 +87,20 @@ def bench_memory(b: Bench) -> list:
     rows = []
     for what, make in (
         ("exact_divergence", lambda c: lambda p, x: exact_divergence(net.score_fn(p), x, chunk_size=c)),
-        ("explicit_sm_grad", lambda c: jax.grad(lambda p, x: explicit_score_matching_loss(net.score_fn(p), x, chunk_size=c))),
+        (
+            "explicit_sm_grad",
+            lambda c: jax.grad(lambda p, x: explicit_score_matching_loss(net.score_fn(p), x, chunk_size=c)),
+        ),
     ):
-        mem = {name: _memory(b.compiled(jax.jit(make(c)), net.params, x)) for name, c in (("whole_basis", None), (f"chunk{chunk}", chunk))}
-        rows.append({"setting": f"{what} d={dim} B={batch}", "bytes": mem,
-                     "ratios": {"whole/chunked": mem["whole_basis"]["total"] / mem[f"chunk{chunk}"]["total"]}})
+        mem = {
+            name: _memory(b.compiled(jax.jit(make(c)), net.params, x))
+            for name, c in (("whole_basis", None), (f"chunk{chunk}", chunk))
+        }
+        rows.append(
+            {
+                "setting": f"{what} d={dim} B={batch}",
+                "bytes": mem,
+                "ratios": {"whole/chunked": mem["whole_basis"]["total"] / mem[f"chunk{chunk}"]["total"]},
+            }
+        )
     return rows

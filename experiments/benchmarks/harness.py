@@ -9,7 +9,8 @@ two runs in one process (the tests) do not share options or caches.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,13 +49,16 @@ def interleaved(contenders: dict, *, repeats: int, target_ms: float, warmup: int
         inner[name] = max(1, int(round(target_ms / 1e3 / one)))
     times = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             fn, n = contenders[name], inner[name]
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
             times[name].append((time.perf_counter() - t0) / n)
-    return {name: {"median_s": float(np.median(t)), "times_s": t, "calls_per_measurement": inner[name]} for name, t in times.items()}
+    return {
+        name: {"median_s": float(np.median(t)), "times_s": t, "calls_per_measurement": inner[name]}
+        for name, t in times.items()
+    }
 
 
 class Bench:
@@ -64,7 +68,7 @@ class Bench:
     without backend optimisations: its numbers are not results).
     """
 
-    def __init__(self, cfg: dict, tref: Any, repeats: int, compiler_options: Optional[dict] = None):
+    def __init__(self, cfg: dict, tref: Any, repeats: int, compiler_options: dict | None = None):
         self.cfg, self.tref, self.repeats = cfg, tref, repeats
         self.compiler_options = dict(compiler_options or {})
         self._compiled: dict = {}
@@ -113,13 +117,22 @@ class Bench:
 
 def row(setting: str, timed: dict, ratios: dict, **extra) -> dict:
     """A result row: the setting, median times in ms, the raw timings, the ratios and ``extra`` fields."""
-    return {"setting": setting, "times_ms": {k: v["median_s"] * 1e3 for k, v in timed.items()},
-            "raw": timed, "ratios": ratios, **extra}
+    return {
+        "setting": setting,
+        "times_ms": {k: v["median_s"] * 1e3 for k, v in timed.items()},
+        "raw": timed,
+        "ratios": ratios,
+        **extra,
+    }
 
 
 def speedups(timed: dict, pairs: dict) -> dict:
     """``{label: median(slow) / median(fast)}`` for ``label -> (slow, fast)`` present in ``timed``."""
-    return {label: timed[a]["median_s"] / timed[b]["median_s"] for label, (a, b) in pairs.items() if a in timed and b in timed}
+    return {
+        label: timed[a]["median_s"] / timed[b]["median_s"]
+        for label, (a, b) in pairs.items()
+        if a in timed and b in timed
+    }
 
 
 def add_peak_fractions(results: dict) -> None:
@@ -139,8 +152,17 @@ def check_targets(results: dict) -> list:
             if ratio in r["ratios"] and (not pattern or pattern in r["setting"].split()):
                 value = r["ratios"][ratio]
                 met = value >= target if kind == "min" else value <= target
-                out.append({"benchmark": name, "setting": r["setting"], "ratio": ratio, "value": value,
-                            "target": (">= " if kind == "min" else "<= ") + f"{target:g}", "met": bool(met), "what": what})
+                out.append(
+                    {
+                        "benchmark": name,
+                        "setting": r["setting"],
+                        "ratio": ratio,
+                        "value": value,
+                        "target": (">= " if kind == "min" else "<= ") + f"{target:g}",
+                        "met": bool(met),
+                        "what": what,
+                    }
+                )
     return out
 
 
@@ -162,8 +184,10 @@ def format_table(results: dict, targets: list) -> str:
             lines.append(f"  {r['setting']:<28} {cells}\n  {'':<28} {ratios}")
     lines.append("== targets")
     for t in targets:
-        lines.append(f"  {t['what']:<58} {t['setting']:<22} {t['ratio']}={t['value']:.3g} (target {t['target']}): "
-                     + ("met" if t["met"] else "MISSED"))
+        lines.append(
+            f"  {t['what']:<58} {t['setting']:<22} {t['ratio']}={t['value']:.3g} (target {t['target']}): "
+            + ("met" if t["met"] else "MISSED")
+        )
     return "\n".join(lines)
 
 
@@ -181,5 +205,7 @@ def markdown_tables(results: dict, targets: list) -> str:
     out.append("| comparison | setting | measured | target | |")
     out.append("|---|---|---|---|---|")
     for t in targets:
-        out.append(f"| {t['what']} | `{t['setting']}` | {t['ratio']} = {t['value']:.3g} | {t['target']} | {'met' if t['met'] else 'missed'} |")
+        out.append(
+            f"| {t['what']} | `{t['setting']}` | {t['ratio']} = {t['value']:.3g} | {t['target']} | {'met' if t['met'] else 'missed'} |"
+        )
     return "\n".join(out) + "\n"

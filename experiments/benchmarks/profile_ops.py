@@ -24,19 +24,17 @@ import gzip  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
-
-import run  # noqa: E402  (the benchmarks' sizes; sets the import path and imports dsm_jax first)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
+import run  # noqa: E402  (the benchmarks' sizes; sets the import path and imports dsm_jax first)
 from bench_dsm_step import jax_dsm_step, library_train_step  # noqa: E402
+from harness import Bench  # noqa: E402
+from seed_mlp import SIGMA_MAX, SIGMA_MIN, Net, data, keys  # noqa: E402
+
 from dsm_jax.losses import explicit_score_matching_loss, multiscale_dsm_loss  # noqa: E402
 from dsm_jax.noise import geometric_sigmas  # noqa: E402
 from dsm_jax.samplers import annealed_langevin  # noqa: E402
-from harness import Bench  # noqa: E402
-from seed_mlp import SIGMA_MAX, SIGMA_MIN, Net, data, keys  # noqa: E402
 
 WORKLOADS = ("dsm_step", "explicit_sm", "langevin", "multiscale")
 
@@ -56,12 +54,24 @@ def workload(name: str, dim: int, batch: int):
         return b.stepper(step, state, [(x, jax.random.key(0))])
     if name == "langevin":
         sigmas = geometric_sigmas(1.0, SIGMA_MIN, cfg["ld_levels"])
-        sample = jax.jit(lambda p, x, k: annealed_langevin(net.model_fn(p), x, k, sigmas, steps_per_sigma=cfg["ld_steps"],
-                                                           step_lr=cfg["ld_eps"], final_denoise=False))
+        sample = jax.jit(
+            lambda p, x, k: annealed_langevin(
+                net.model_fn(p),
+                x,
+                k,
+                sigmas,
+                steps_per_sigma=cfg["ld_steps"],
+                step_lr=cfg["ld_eps"],
+                final_denoise=False,
+            )
+        )
         return b.blocking(sample, net.params, x, jax.random.key(0))
     sigmas = geometric_sigmas(SIGMA_MAX, SIGMA_MIN, cfg["ms_levels"])
-    grad = jax.jit(jax.value_and_grad(lambda p, x, k: multiscale_dsm_loss(net.model_fn(p), x, sigmas, k, weighting="sigma2",
-                                                                          sigma_sampling="all")))
+    grad = jax.jit(
+        jax.value_and_grad(
+            lambda p, x, k: multiscale_dsm_loss(net.model_fn(p), x, sigmas, k, weighting="sigma2", sigma_sampling="all")
+        )
+    )
     return b.blocking(grad, net.params, x, jax.random.key(0))
 
 
@@ -82,14 +92,16 @@ def top_operations(trace_dir: Path, calls: int, top: int) -> list:
     return [(n, t / 1e3 / calls, count[n] / calls) for n, t in total.most_common(top)]
 
 
-def main(argv: Optional[list] = None) -> list:
+def main(argv: list | None = None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", choices=WORKLOADS)
     parser.add_argument("--dim", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--calls", type=int, default=5, help="traced calls (after 3 untraced warm-up calls)")
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--trace-dir", type=Path, default=None, help="keep the trace here (default: a temporary directory)")
+    parser.add_argument(
+        "--trace-dir", type=Path, default=None, help="keep the trace here (default: a temporary directory)"
+    )
     args = parser.parse_args(argv)
     for name in ("dim", "batch", "calls", "top"):
         if getattr(args, name) < 1:

@@ -55,7 +55,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 BENCH_DIR = Path(__file__).resolve().parent
 for _p in (BENCH_DIR, BENCH_DIR.parent):
@@ -63,7 +62,6 @@ for _p in (BENCH_DIR, BENCH_DIR.parent):
         sys.path.insert(0, str(_p))
 
 from _common import RESULTS_DIR, parse_args, save_results, write_atomic  # noqa: E402  (imports dsm_jax first)
-
 from bench_dsm_step import bench_dsm_step  # noqa: E402
 from bench_flops import bench_dim_scaling, bench_flops  # noqa: E402
 from bench_langevin import bench_langevin  # noqa: E402
@@ -73,24 +71,58 @@ from harness import Bench, add_peak_fractions, check_targets, format_table, mark
 from seed_mlp import load_torch  # noqa: E402
 
 FULL = dict(
-    hidden=256, layers=4, target_ms=200.0, repeats=7,
-    dsm_dims=(2, 64), dsm_batches=(128, 2048), steps_per_call=10,
-    ms_dim=64, ms_batches=(128, 1024), ms_levels=10,
-    esm_dims=(16, 64, 256), esm_batch=128,
-    ld_dim=2, ld_batches=(64, 1024), ld_levels=10, ld_steps=100, ld_eps=2e-5,
-    flops_batch=2048, flops_dims=(2, 64), gemm_n=2048,
-    mem_dim=3072, mem_batch=16, mem_chunk=128,
-    scaling_dims=(2, 1024), scaling_batch=128,
+    hidden=256,
+    layers=4,
+    target_ms=200.0,
+    repeats=7,
+    dsm_dims=(2, 64),
+    dsm_batches=(128, 2048),
+    steps_per_call=10,
+    ms_dim=64,
+    ms_batches=(128, 1024),
+    ms_levels=10,
+    esm_dims=(16, 64, 256),
+    esm_batch=128,
+    ld_dim=2,
+    ld_batches=(64, 1024),
+    ld_levels=10,
+    ld_steps=100,
+    ld_eps=2e-5,
+    flops_batch=2048,
+    flops_dims=(2, 64),
+    gemm_n=2048,
+    mem_dim=3072,
+    mem_batch=16,
+    mem_chunk=128,
+    scaling_dims=(2, 1024),
+    scaling_batch=128,
 )
 QUICK = dict(
-    hidden=32, layers=3, target_ms=2.0, repeats=1,
-    dsm_dims=(2,), dsm_batches=(16,), steps_per_call=3,
-    ms_dim=4, ms_batches=(16,), ms_levels=3,
-    esm_dims=(4,), esm_batch=8,
-    ld_dim=2, ld_batches=(8,), ld_levels=2, ld_steps=5, ld_eps=2e-5,
-    flops_batch=16, flops_dims=(2,), gemm_n=128,
-    mem_dim=64, mem_batch=4, mem_chunk=16,
-    scaling_dims=(2, 16), scaling_batch=16,
+    hidden=32,
+    layers=3,
+    target_ms=2.0,
+    repeats=1,
+    dsm_dims=(2,),
+    dsm_batches=(16,),
+    steps_per_call=3,
+    ms_dim=4,
+    ms_batches=(16,),
+    ms_levels=3,
+    esm_dims=(4,),
+    esm_batch=8,
+    ld_dim=2,
+    ld_batches=(8,),
+    ld_levels=2,
+    ld_steps=5,
+    ld_eps=2e-5,
+    flops_batch=16,
+    flops_dims=(2,),
+    gemm_n=128,
+    mem_dim=64,
+    mem_batch=4,
+    mem_chunk=16,
+    scaling_dims=(2, 16),
+    scaling_batch=16,
 )
 # Quick mode compiles without backend optimisations: its numbers test the harness, they are not results.
 QUICK_COMPILER_OPTIONS = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
@@ -106,7 +138,7 @@ BENCHMARKS = {
 }
 
 
-def main(argv: Optional[list] = None) -> dict:
+def main(argv: list | None = None) -> dict:
     args = parse_args(
         __doc__.splitlines()[0],
         argv,
@@ -138,9 +170,14 @@ def main(argv: Optional[list] = None) -> dict:
     add_peak_fractions(results)
     targets = check_targets(results)
     print(format_table(results, targets))
-    settings = {**cfg, "repeats": repeats, "cores": cores, "torch": None if tref is None else tref[0].__version__,
-                "torch_threads": None if tref is None else tref[0].get_num_threads(),
-                "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    settings = {
+        **cfg,
+        "repeats": repeats,
+        "cores": cores,
+        "torch": None if tref is None else tref[0].__version__,
+        "torch_threads": None if tref is None else tref[0].get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
     stem = "results" if args.only is None else f"results_{args.only}"
     save_results(args, stem, {"benchmarks": results, "targets": targets}, settings)
     write_atomic(Path(args.out) / f"{stem}.md", markdown_tables(results, targets))

@@ -37,7 +37,11 @@ class SeedMLP(nn.Module):
 
 def layer_shapes(dim: int, hidden: int, num_layers: int) -> list:
     """``[(in, out)]`` of :class:`SeedMLP`'s linear layers in call order: the sigma embedding, then the trunk."""
-    return [(1, hidden), (hidden, hidden), (dim + hidden, hidden)] + [(hidden, hidden)] * (num_layers - 2) + [(hidden, dim)]
+    return (
+        [(1, hidden), (hidden, hidden), (dim + hidden, hidden)]
+        + [(hidden, hidden)] * (num_layers - 2)
+        + [(hidden, dim)]
+    )
 
 
 def matmul_flops_per_example(dim: int, hidden: int, num_layers: int, *, train: bool) -> int:
@@ -59,7 +63,6 @@ def load_torch(threads: int):
     """``(torch, torch_reference)`` with ``threads`` intra-op threads, or ``None`` without PyTorch."""
     try:
         import torch
-
         import torch_reference
     except ImportError:
         return None
@@ -82,7 +85,9 @@ class Net:
             torch.manual_seed(seed)
             self.torch_model = ref.NoiseConditionalScoreNetwork(dim, cfg["hidden"], cfg["layers"])
             layers = ref.linear_layers(self.torch_model)
-            self.params = {f"Dense_{i}": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)} for i, (w, b) in enumerate(layers)}
+            self.params = {
+                f"Dense_{i}": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)} for i, (w, b) in enumerate(layers)
+            }
         else:
             self.params = self.module.init(jax.random.key(seed), jnp.zeros((1, dim)), jnp.ones((1,)))["params"]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -46,22 +45,31 @@ def summarize(runs: list) -> str:
                 cells = " | ".join("-" if v is None else f"{v:.3g}" for v in values)
                 med = f"{np.median(present):.3g}" if present else "-"
                 lines.append(f"| {name} | `{r['setting']}` | {ratio} | {cells} | **{med}** |")
-    lines += ["", "| target | setting | measured | " + " | ".join(f"run {i + 1}" for i in range(n)) + " | median | met in |",
-              "|" + "---|" * (n + 5)]
+    lines += [
+        "",
+        "| target | setting | measured | " + " | ".join(f"run {i + 1}" for i in range(n)) + " | median | met in |",
+        "|" + "---|" * (n + 5),
+    ]
     for t0 in runs[0]["results"]["targets"]:
         values, mets = [], []
         for run in runs:
-            match = [t for t in run["results"]["targets"] if (t["benchmark"], t["setting"], t["ratio"]) == (t0["benchmark"], t0["setting"], t0["ratio"])]
+            match = [
+                t
+                for t in run["results"]["targets"]
+                if (t["benchmark"], t["setting"], t["ratio"]) == (t0["benchmark"], t0["setting"], t0["ratio"])
+            ]
             values.append(match[0]["value"] if match else None)
             mets.append(match[0]["met"] if match else None)
         present = [v for v in values if v is not None]
         cells = " | ".join("-" if v is None else f"{v:.3g}" for v in values)
-        lines.append(f"| {t0['what']} ({t0['target']}) | `{t0['setting']}` | {t0['ratio']} | {cells} | **{np.median(present):.3g}** "
-                     f"| {sum(bool(m) for m in mets)}/{n} runs |")
+        lines.append(
+            f"| {t0['what']} ({t0['target']}) | `{t0['setting']}` | {t0['ratio']} | {cells} | **{np.median(present):.3g}** "
+            f"| {sum(bool(m) for m in mets)}/{n} runs |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list] = None) -> str:
+def main(argv: list | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="results.json files of full runs")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
