@@ -314,6 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     process_id=args.process_id,
                 )
             return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader went away (``dsm-jax train --list-keys | head``): nothing left to say to it.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt as err:
         line, status = _interrupt_line(args.phase, err)
         print(f"dsm-jax {args.command}: {line}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -219,13 +220,21 @@ NON_TRAINING_FIELDS = frozenset(
 )
 
 
+def _optional_of(hint: Any) -> Any:
+    """``T`` for ``Optional[T]`` / ``T | None`` (``typing.Union`` or ``types.UnionType``), else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _parse_value(name: str, text: str, annotation: Any) -> Any:
     hint = annotation
-    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
-    if optional:
+    inner = _optional_of(hint)
+    if inner is not None:
         if text.strip().lower() in ("none", "null", "auto"):
             return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        hint = inner
     try:
         if hint is bool:
             low = text.strip().lower()
@@ -257,9 +266,9 @@ def apply_overrides(config: Config, overrides: dict) -> Config:
 
 
 def _type_name(hint: Any) -> str:
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is typing.Union and type(None) in args:
-        return _type_name(next(a for a in args if a is not type(None))) + " or None"
+    inner = _optional_of(hint)
+    if inner is not None:
+        return _type_name(inner) + " or None"
     if typing.get_origin(hint) is tuple:
         return "ints, e.g. 1,2"
     return hint.__name__

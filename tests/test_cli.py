@@ -8,44 +8,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from _tiny import tiny_sets
 
 from dsm_jax import cli
 from dsm_jax.checkpoint import load_params
 from dsm_jax.config import PRESETS, Config, apply_overrides
 
-TINY = [
-    "--dataset",
-    "two_clusters",
-    "--quiet",
-    "--set",
-    "num_train=512",
-    "--set",
-    "num_test=256",
-    "--set",
-    "width=32",
-    "--set",
-    "depth=1",
-    "--set",
-    "num_sigmas=4",
-    "--set",
-    "batch_size=64",
-    "--set",
-    "steps_per_call=10",
-    "--set",
-    "save_every=20",
-    "--set",
-    "log_every=10",
-    "--set",
-    "num_samples=256",
-    "--set",
-    "steps_per_sigma=10",
-    "--set",
-    "fisher_samples=256",
-    "--set",
-    "sde_steps=20",
-    "--set",
-    "warmup_steps=5",
-]
+TINY = ["--dataset", "two_clusters", "--quiet", *tiny_sets()]
 
 
 def _train(workdir, *extra, steps=40):
@@ -285,6 +254,9 @@ def test_config_overrides_parse_by_type():
     assert cfg.sigma_max is None and cfg.channel_mults == (1, 2, 2) and cfg.final_denoise is False
     assert cfg.learning_rate == 3e-4
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # Optional fields parse by their inner type (``int | None`` annotations too), "none" gives None.
+    cfg = apply_overrides(Config(), {"num_train": "512", "sigma_max": "3.5", "grad_clip_norm": "none"})
+    assert cfg.num_train == 512 and cfg.sigma_max == 3.5 and cfg.grad_clip_norm is None
 
 
 def test_the_installed_command_exits_non_zero_without_a_traceback():

@@ -12,43 +12,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _tiny import tiny_sets
 
 from dsm_jax import cli, plotting
 from dsm_jax import config as config_lib
 from dsm_jax import run as run_lib
 from dsm_jax.config import Config
 
-TINY = [
-    "--quiet",
-    "--set",
-    "num_train=512",
-    "--set",
-    "num_test=256",
-    "--set",
-    "width=32",
-    "--set",
-    "depth=1",
-    "--set",
-    "num_sigmas=4",
-    "--set",
-    "batch_size=64",
-    "--set",
-    "steps_per_call=10",
-    "--set",
-    "save_every=20",
-    "--set",
-    "log_every=10",
-    "--set",
-    "num_samples=256",
-    "--set",
-    "steps_per_sigma=10",
-    "--set",
-    "fisher_samples=256",
-    "--set",
-    "sde_steps=20",
-    "--set",
-    "warmup_steps=5",
-]
+TINY = ["--quiet", *tiny_sets()]
 RECORD = ("samples.npz", "samples.png", "metrics.json", "score_field.png", "losses.png", "config.json")
 
 

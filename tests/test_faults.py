@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _tiny import tiny_sets
 
 from dsm_jax import cli
 from dsm_jax import run as run_lib
@@ -27,37 +28,12 @@ from dsm_jax import workdir as workdir_lib
 from dsm_jax.interrupt import call_interruptibly
 
 ROOT = Path(__file__).resolve().parents[1]
+# Sampling long enough (4 x 3000 steps of 2000 samples, several seconds) for a signal to land inside it.
 TINY = [
     "--dataset",
     "two_clusters",
     "--quiet",
-    "--set",
-    "num_train=512",
-    "--set",
-    "num_test=256",
-    "--set",
-    "width=32",
-    "--set",
-    "depth=1",
-    "--set",
-    "num_sigmas=4",
-    "--set",
-    "batch_size=64",
-    "--set",
-    "steps_per_call=10",
-    "--set",
-    "save_every=10",
-    "--set",
-    "log_every=10",
-    "--set",
-    "warmup_steps=5",
-    "--set",
-    "fisher_samples=256",
-    # Sampling long enough (4 x 3000 steps of 2000 samples, several seconds) for a signal to land inside it.
-    "--set",
-    "num_samples=2000",
-    "--set",
-    "steps_per_sigma=3000",
+    *tiny_sets(save_every=10, num_samples=2000, steps_per_sigma=3000),
 ]
 # Signals must reach the sampler within this; the sampler alone runs longer (checked below).
 PROMPT_SECONDS = 3.0

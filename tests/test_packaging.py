@@ -26,19 +26,15 @@ PROJECT = PYPROJECT["project"]
 MODULES = sorted(
     p.relative_to(ROOT).as_posix() for p in (ROOT / "dsm_jax").rglob("*.py") if "__pycache__" not in p.parts
 )
-# What a work tree may hold that is not the project (caches, runs, earlier builds).
-NOT_PROJECT = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "runs",
-    "build",
-    "dist",
-    "__pycache__",
-    ".pytest_cache",
-    ".ipynb_checkpoints",
-    "*.egg-info",
-    "workdir*",
-)
+# What a work tree may hold that is not the project (caches, runs, earlier builds): caches anywhere, the
+# rest only at the top (a pattern such as "workdir*" must not drop the module dsm_jax/workdir.py).
+_ANYWHERE = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".ipynb_checkpoints", "*.egg-info")
+_AT_TOP = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "workdir*")
+
+
+def _not_project(directory, names):
+    ignored = _ANYWHERE(directory, names)
+    return ignored | _AT_TOP(directory, names) if pathlib.Path(directory) == ROOT else ignored
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def built(tmp_path_factory):
     """``(sdist path, wheel path, build output)`` of a fresh build of a copy of the project."""
     tmp = tmp_path_factory.mktemp("packaging")
     source = tmp / "source"
-    shutil.copytree(ROOT, source, ignore=NOT_PROJECT)
+    shutil.copytree(ROOT, source, ignore=_not_project)
     out = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(source)],
         capture_output=True,
