@@ -2,7 +2,7 @@
 
 ``dsm-jax train`` with no arguments trains the default run (8 Gaussians in
 2-D, a noise-conditional MLP, multi-scale DSM over 10 noise levels) on the
-CPU in about a minute, then samples with annealed Langevin dynamics,
+CPU in a few minutes, then samples with annealed Langevin dynamics,
 evaluates and writes into ``runs/default`` (the files: :mod:`dsm_jax.run`).
 
 The work directory is the user's data (:mod:`dsm_jax.workdir`): ``train``,
@@ -145,14 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="list every config key with its type, default and meaning, then exit",
     )
 
-    for name, help_ in (
-        ("sample", "draw samples from a trained run into samples_<sampler>_n<num>_seed<seed>.*"),
-        (
-            "evaluate",
-            "sample and evaluate a trained run: with its own sampler, --num and --seed "
-            "recompute metrics.json, with others write eval_<sampler>_n<num>_seed<seed>.*",
-        ),
-    ):
+    sample_help = "draw samples from a trained run into samples_<sampler>_n<num>_seed<seed>.*"
+    evaluate_help = (
+        "sample and evaluate a trained run: with its own sampler, --num and --seed recompute metrics.json, "
+        "with others write eval_<sampler>_n<num>_seed<seed>.*"
+    )
+    for name, help_ in (("sample", sample_help), ("evaluate", evaluate_help)):
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--workdir", required=True)
         p.add_argument("--num", type=_positive_int, help="number of samples (default: the run's num_samples)")
@@ -196,39 +194,16 @@ def resolve_config(args) -> Config:
 # ---------------------------------------------------------------------------
 
 
-def _list() -> int:
-    from dsm_jax.data import DATASETS
-
-    print("presets:")
-    for name, cfg in config_lib.PRESETS.items():
-        print(f"  {name:14s} dataset={cfg.dataset}, model={cfg.model}, {cfg.num_steps} steps")
-    print("datasets:")
-    for name, desc in DATASETS.items():
-        print(f"  {name:14s} {desc}")
-    print("  PATH.npy/.npz  your own float array: vectors [N, d] (MLP) or images [N, H, W, C] in [-1, 1] (U-Net)")
-    print("config keys: dsm-jax train --list-keys")
-    return 0
-
-
-def _list_keys() -> int:
-    print("config keys (--set key=value, or a --config JSON file); name, type, default, meaning:")
-    for name, type_name, default, meaning in config_lib.describe_fields():
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
-        print(f"  {name:17s} {type_name:14s} {shown:16s} {meaning}")
-    return 0
-
-
 def _phase_setter(args):
     return lambda phase: setattr(args, "phase", phase)
 
 
 def cmd_train(args) -> int:
-    if args.list:
-        return _list()
-    if args.list_keys:
-        return _list_keys()
-    cfg = resolve_config(args)
+    if args.list or args.list_keys:
+        print(config_lib.presets_listing() if args.list else config_lib.keys_listing())
+        return 0
     file_fields, overrides = _config_sources(args)
+    cfg = config_lib.resolve(args.preset, file_fields=file_fields, overrides=overrides, source=args.config)
     run_lib.train_and_sample(
         cfg,
         Path(args.workdir) if args.workdir else run_lib.default_workdir(args.preset, cfg),
@@ -293,15 +268,7 @@ def _interrupt_line(phase: str, err: KeyboardInterrupt) -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status.
-
-    0 success; 1 a non-finite loss (or an internal error, raised with its
-    traceback); 2 a user mistake in one line: a :class:`UserError` at any
-    time, a ``ValueError`` raised while the command checks its inputs (before
-    it changes anything; later ones are bugs and keep their traceback), or an
-    ``OSError`` naming the path (read-only, disk full, not a directory...);
-    130 SIGINT, 143 SIGTERM.
-    """
+    """Entry point; returns the exit status (the rule is in the module docstring)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv) or ["--help"])
     args.phase = run_lib.CHECKING
     debug = args.debug or os.environ.get("DSM_JAX_DEBUG", "") not in ("", "0")

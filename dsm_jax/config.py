@@ -274,6 +274,29 @@ def _type_name(hint: Any) -> str:
     return hint.__name__
 
 
+def presets_listing() -> str:
+    """What ``dsm-jax train --list`` prints: the presets, the built-in datasets and user arrays."""
+    from dsm_jax.data import DATASETS
+
+    lines = ["presets:"]
+    lines += [f"  {n:14s} dataset={c.dataset}, model={c.model}, {c.num_steps} steps" for n, c in PRESETS.items()]
+    lines += ["datasets:"] + [f"  {name:14s} {desc}" for name, desc in DATASETS.items()]
+    lines += [
+        "  PATH.npy/.npz  your own float array: vectors [N, d] (MLP) or images [N, H, W, C] in [-1, 1] (U-Net)",
+        "config keys: dsm-jax train --list-keys",
+    ]
+    return "\n".join(lines)
+
+
+def keys_listing() -> str:
+    """What ``dsm-jax train --list-keys`` prints: every field with its type, default and meaning."""
+    lines = ["config keys (--set key=value, or a --config JSON file); name, type, default, meaning:"]
+    for name, type_name, default, meaning in describe_fields():
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        lines.append(f"  {name:17s} {type_name:14s} {shown:16s} {meaning}")
+    return "\n".join(lines)
+
+
 def describe_fields() -> list:
     """``[(name, type, default, meaning)]`` of every :class:`Config` field, in declaration order."""
     hints = typing.get_type_hints(Config)
@@ -376,6 +399,8 @@ __all__ = [
     "MODELS",
     "SAMPLERS",
     "apply_overrides",
+    "keys_listing",
+    "presets_listing",
     "describe_fields",
     "get_preset",
     "parse_assignments",
