@@ -13,7 +13,6 @@ from dsm_jax import debug_checks
 from dsm_jax.distributions import Gaussian, GaussianMixture
 from dsm_jax.divergence import SlowPathWarning
 from dsm_jax.losses import (
-    _dsm_per_example,
     dsm_loss,
     explicit_score_matching_loss,
     multiscale_dsm_loss,
@@ -22,6 +21,7 @@ from dsm_jax.losses import (
     sliced_score_matching_loss,
     sure_loss,
 )
+from dsm_jax.losses.denoising import _dsm_per_example
 from dsm_jax.noise import geometric_sigmas
 from dsm_jax.sde import VESDE
 
@@ -424,7 +424,7 @@ def test_bad_input(call, match):
 
 def test_stratified_accepts_either_order(x64):
     """An increasing grid has the same cells as the decreasing one (run through the other way)."""
-    from dsm_jax.losses import _jitter_in_log_cells
+    from dsm_jax.losses.denoising import _jitter_in_log_cells
 
     sigmas = jnp.array([3.0, 1.0, 0.5, 0.05])
     u = jax.random.uniform(jax.random.key(30), (4, 16), dtype=jnp.float64)
