@@ -18,12 +18,15 @@
 * :func:`frechet_distance`: the Frechet distance between Gaussians fitted to
   two feature sets (the statistic of FID), also from precomputed
   :func:`feature_statistics` (:func:`frechet_distance_from_stats`), in
-  float64 NumPy.
+  float64 NumPy; :func:`digits_features`, the hidden layer of a small
+  classifier of the 8x8 digits (:mod:`dsm_jax.digits_classifier`), the
+  features of a small-scale FID.
 * :func:`psnr` and :func:`bits_per_dim` (the one in
   :mod:`dsm_jax.likelihood`, re-exported).
 
 All functions are pure JAX and jit-compatible unless stated (keys are
-explicit arguments); the Frechet distance is host NumPy.
+explicit arguments); the Frechet distance and the digits features are host
+NumPy.
 """
 
 from __future__ import annotations
@@ -38,15 +41,19 @@ import numpy as np
 
 from dsm_jax._checks import check_batched, check_positive_int, check_positive_number, check_sigma_schedule
 from dsm_jax._utils import row_blocks, sq_distances, to_batch
+from dsm_jax.digits_classifier import DigitsClassifier, digits_classifier, digits_features
 from dsm_jax.distributions import GaussianMixture
 from dsm_jax.likelihood import bits_per_dim
 from dsm_jax.parameterization import ModelFn, ScoreFn, check_parameterization, model_to_score
 
 __all__ = [
+    "DigitsClassifier",
     "FisherDivergence",
     "MMDFloor",
     "ModeWeights",
     "bits_per_dim",
+    "digits_classifier",
+    "digits_features",
     "feature_statistics",
     "fisher_divergence",
     "frechet_distance",

@@ -1,16 +1,19 @@
 """The Frechet distance against closed forms: commuting and non-commuting Gaussians, symmetry, zero for
-equal sets, the small-sample bias, bad input.
+equal sets, the small-sample bias, bad input; the digits feature extractor: accuracy, determinism, its cache.
 
 Everything is float64 NumPy; the statistical check uses a fixed seed and a tolerance of k standard
 errors derived from the number of replicates, plus the size of the neglected O(1/N^2) terms.
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 
+from dsm_jax import digits_classifier as D
 from dsm_jax import metrics as M
+from dsm_jax.data import load_dataset
 
 
 def _random_spd(rng, f, low=0.3, high=3.0):
@@ -158,3 +161,127 @@ def test_frechet_distance_from_stats_refuses_bad_statistics(args, match):
 def test_feature_statistics_names_its_argument():
     with pytest.raises(ValueError, match=r"features must hold at least 2 rows"):
         M.feature_statistics(np.zeros((1, 4)))
+
+
+# ---------------------------------------------------------------------------
+# The digits feature extractor
+# ---------------------------------------------------------------------------
+
+ACCURACY_THRESHOLD = 0.95  # measured 0.976 on the 297 held-out digits; 0.95 is 3 binomial standard errors below
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One fresh training for the module, cached in a directory of its own: ``(classifier, directory)``."""
+    directory = tmp_path_factory.mktemp("digits_cache")
+    return D.load_or_train_digits_classifier(directory), directory
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Makes any training an error: what is returned must come from the cache file."""
+
+    def refuse():
+        raise AssertionError("the classifier was trained instead of read from the cache")
+
+    monkeypatch.setattr(D, "train_digits_classifier", refuse)
+
+
+def _same(a: D.DigitsClassifier, b: D.DigitsClassifier) -> bool:
+    arrays = ("hidden_weights", "hidden_biases", "output_weights", "output_biases")
+    return all(np.array_equal(getattr(a, n), getattr(b, n)) for n in arrays) and a.test_accuracy == b.test_accuracy
+
+
+def test_the_classifier_is_accurate_on_the_held_out_digits(trained):
+    classifier, _ = trained
+    _, _, test, test_labels = D._split_with_labels()
+    assert test.shape == load_dataset("digits").test.shape == (297, 8, 8, 1)
+    accuracy = float(np.mean(classifier.predict(test) == test_labels))
+    assert accuracy == classifier.test_accuracy >= ACCURACY_THRESHOLD, accuracy
+
+
+def test_two_fresh_trainings_give_identical_features(trained):
+    classifier, _ = trained
+    again = D.train_digits_classifier()
+    assert _same(classifier, again)
+    test = load_dataset("digits").test
+    np.testing.assert_array_equal(M.digits_features(test, classifier=classifier), again.features(test))
+
+
+def test_features_are_the_hidden_layer_of_either_image_layout(trained):
+    classifier, _ = trained
+    test = load_dataset("digits").test
+    features = M.digits_features(test, classifier=classifier)
+    assert features.shape == (297, D.SETTINGS["hidden"]) and features.dtype == np.float64
+    assert (features >= 0).all() and features.std(axis=0).max() > 0.1
+    np.testing.assert_array_equal(features, classifier.features(test.reshape(297, 64)))
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (np.zeros((4, 8, 8, 3)), r"images must be a batch of 8x8 digits.*\(4, 8, 8, 3\)"),
+        (np.zeros(64), r"images must be a batch of 8x8 digits.*\(64,\)"),
+        (np.full((2, 64), np.nan), r"images must be finite, got NaN or Inf in 2 images"),
+    ],
+)
+def test_features_refuse_what_is_not_digits(trained, images, match):
+    with pytest.raises(ValueError, match=match):
+        trained[0].features(images)
+
+
+def test_the_cache_file_round_trips(trained, no_training):
+    classifier, directory = trained
+    (path,) = directory.glob("digits_classifier_*.npz")
+    assert path.name == f"digits_classifier_{classifier.key}.npz"
+    assert _same(D.load_or_train_digits_classifier(directory), classifier)
+
+
+def test_the_cache_directory_comes_from_the_environment(trained, no_training, monkeypatch, tmp_path):
+    monkeypatch.delenv("DSM_JAX_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert D.cache_dir() == tmp_path / "home" / ".cache" / "dsm_jax"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert D.cache_dir() == tmp_path / "xdg" / "dsm_jax"
+    _, directory = trained
+    monkeypatch.setenv("DSM_JAX_CACHE", str(directory))
+    assert D.cache_dir() == directory
+    assert _same(M.digits_classifier(), trained[0])  # read from $DSM_JAX_CACHE, not trained
+
+
+def _garbage(path, classifier):
+    path.write_bytes(b"not a numpy archive")
+
+
+def _truncated(path, classifier):
+    D._write(path, classifier)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _wrong_shapes(path, classifier):
+    D._write(path, classifier._replace(hidden_weights=classifier.hidden_weights[:10]))
+
+
+@pytest.mark.parametrize("corrupt", [_garbage, _truncated, _wrong_shapes])
+def test_a_corrupt_cache_file_is_retrained_and_replaced(trained, monkeypatch, tmp_path, corrupt):
+    classifier, _ = trained
+    calls = []
+    monkeypatch.setattr(D, "train_digits_classifier", lambda: calls.append(1) or classifier)
+    path = tmp_path / f"digits_classifier_{classifier.key}.npz"
+    corrupt(path, classifier)
+    with pytest.warns(D.DigitsClassifierCacheWarning, match="unreadable.*retraining and replacing it"):
+        got = D.load_or_train_digits_classifier(tmp_path)
+    assert _same(got, classifier) and calls == [1]
+    assert _same(D._read(path, classifier.key), classifier)  # the file was replaced by a whole one
+
+
+def test_an_unusable_cache_directory_falls_back_to_memory(trained, monkeypatch, tmp_path):
+    classifier, _ = trained
+    monkeypatch.setattr(D, "train_digits_classifier", lambda: classifier)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = D.load_or_train_digits_classifier(blocker / "cache")  # its parent is a file: mkdir fails
+    assert _same(got, classifier) and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
