@@ -20,7 +20,8 @@
   :func:`feature_statistics` (:func:`frechet_distance_from_stats`), in
   float64 NumPy; :func:`digits_features`, the hidden layer of a small
   classifier of the 8x8 digits (:mod:`dsm_jax.digits_classifier`), the
-  features of a small-scale FID.
+  features of a small-scale FID; :func:`frechet_with_baselines`, a model's
+  value next to its floor and a Gaussian fit's.
 * :func:`psnr` and :func:`bits_per_dim` (the one in
   :mod:`dsm_jax.likelihood`, re-exported).
 
@@ -49,6 +50,7 @@ from dsm_jax.parameterization import ModelFn, ScoreFn, check_parameterization, m
 __all__ = [
     "DigitsClassifier",
     "FisherDivergence",
+    "FrechetReport",
     "MMDFloor",
     "ModeWeights",
     "bits_per_dim",
@@ -58,6 +60,7 @@ __all__ = [
     "fisher_divergence",
     "frechet_distance",
     "frechet_distance_from_stats",
+    "frechet_with_baselines",
     "median_bandwidth",
     "mmd2",
     "mmd2_floor",
@@ -713,3 +716,63 @@ def frechet_distance(features_a, features_b) -> float:
             f"features_a and features_b must have the same feature dimension, got F={a.shape[1]} and F={b.shape[1]}."
         )
     return _frechet(*_statistics(a), *_statistics(b))
+
+
+class FrechetReport(NamedTuple):
+    """A model's Frechet distance next to what a perfect model and a Gaussian give (:func:`frechet_with_baselines`).
+
+    Attributes:
+        frechet: samples vs the reference set.
+        floor: ``n`` training examples vs the reference set: what a perfect model gives at this size.
+        gaussian: ``n`` draws of the full-covariance Gaussian fitted to the training set vs the reference set.
+        n: the size of each of the three compared sets.
+    """
+
+    frechet: float
+    floor: float
+    gaussian: float
+    n: int
+
+
+def frechet_with_baselines(
+    samples, reference, train, key: jax.Array, *, features: Callable[[np.ndarray], np.ndarray] = digits_features
+) -> FrechetReport:
+    """The Frechet distance of ``samples`` to ``reference`` in ``features``, with its floor and a Gaussian baseline.
+
+    The three values compare sets of the same size ``n = min(len(samples),
+    len(reference), len(train))`` (the first ``n`` samples, ``n`` training
+    examples drawn without replacement, ``n`` draws of ``N(mean(train),
+    cov(train))`` in the data space) with all of ``reference``, so they share
+    the small-sample bias of :func:`frechet_distance` and read against each
+    other: a model between the floor and the Gaussian beats a Gaussian fit.
+
+    Args:
+        samples: ``[N_s, *D]`` the model's samples (finite).
+        reference: ``[N_r, *D]`` held-out data.
+        train: ``[N_t, *D]`` the training data.
+        key: PRNG key for the training subset and the Gaussian draws.
+        features: ``features(x [n, *D]) -> [n, F]``; default :func:`digits_features`.
+
+    Returns:
+        :class:`FrechetReport`.
+    """
+    samples, reference, train = (np.asarray(a) for a in (samples, reference, train))
+    for name, arr in (("samples", samples), ("reference", reference), ("train", train)):
+        check_batched(name, arr)
+        if arr.shape[1:] != reference.shape[1:]:
+            raise ValueError(f"{name} must have examples of shape {reference.shape[1:]}, got {arr.shape}.")
+    n = min(samples.shape[0], reference.shape[0], train.shape[0])
+    if n < 2:
+        raise ValueError(f"the Frechet distance needs at least 2 examples in each set, got n={n}.")
+    k_subset, k_gauss = jax.random.split(key)
+    flat = _check_features("train", train.reshape(train.shape[0], -1))
+    mean, cov = _statistics(flat)
+    z = np.asarray(jax.random.normal(k_gauss, (n, flat.shape[1])), dtype=np.float64)
+    gaussian = (mean + z @ _psd_sqrt(cov)).reshape((n,) + train.shape[1:])
+    subset = train[np.asarray(jax.random.permutation(k_subset, train.shape[0]))[:n]]
+    stats = feature_statistics(features(reference))
+
+    def distance(x) -> float:
+        return frechet_distance_from_stats(*feature_statistics(features(x)), *stats)
+
+    return FrechetReport(distance(samples[:n]), distance(subset), distance(gaussian), n)

@@ -7,8 +7,11 @@ Trained into a work directory it holds ``checkpoints/``, ``config.json``,
 
 * ``samples.npz``, ``samples.png``, ``score_field.png`` (2-D), ``losses.png``;
 * ``metrics.json``: MMD^2 between samples and held-out data next to the
-  two-sample floor, sliced Wasserstein distance, and the relative Fisher
-  divergence per noise level when the exact score is known.
+  two-sample floor, sliced Wasserstein distance, the relative Fisher
+  divergence per noise level when the exact score is known, and for the
+  digits the Frechet distance in digits-classifier features next to its
+  floor and a Gaussian fit's (``frechet``, ``frechet_floor``,
+  ``frechet_gaussian``, ``frechet_n``; :func:`dsm_jax.metrics.frechet_with_baselines`).
 
 The functions take explicit arguments (the command line is
 :mod:`dsm_jax.cli`'s business), so scripts and experiments call them directly:
@@ -457,7 +460,8 @@ def draw_samples(run: Run, params, key: jax.Array, num: int, sampler: str):
 
 
 def evaluate(run: Run, params, samples: np.ndarray, key: jax.Array) -> dict:
-    """Sample-quality metrics against held-out data, and the Fisher divergence when the score is known."""
+    """Sample-quality metrics against held-out data, the Fisher divergence when the score is known, the Frechet
+    distance for the digits."""
     from dsm_jax import metrics
 
     test = run.dataset.test
@@ -477,6 +481,11 @@ def evaluate(run: Run, params, samples: np.ndarray, key: jax.Array) -> dict:
         out["mmd_n"] = int(n)
         out["sliced_wasserstein"] = float(metrics.sliced_wasserstein(x, y, k_sw))
         out["sliced_wasserstein_data_floor"] = float(metrics.sliced_wasserstein(jnp.asarray(train_flat[:n]), y, k_sw))
+        if run.dataset.name == "digits":
+            report = metrics.frechet_with_baselines(samples, test, run.dataset.train, jax.random.fold_in(key, 3))
+            out.update(
+                frechet=report.frechet, frechet_floor=report.floor, frechet_gaussian=report.gaussian, frechet_n=report.n
+            )
     dist = run.dataset.distribution
     if dist is not None:
         fd = metrics.per_sigma_fisher_divergence(
@@ -642,6 +651,13 @@ def print_metrics(results: dict) -> None:
         parts.append(
             f"sliced Wasserstein {sw:.4f} ({times}its floor {floor:.4f}, the distance between two data "
             f"samples of this size, what a perfect model gives)"
+        )
+    if "frechet" in results:
+        parts.append(
+            f"Frechet distance {results['frechet']:.3f} in digits-classifier features, a small-scale FID (floor "
+            f"{results['frechet_floor']:.3f}: training digits vs the held-out ones, what a perfect model gives; "
+            f"a full-covariance Gaussian fitted to the training digits: {results['frechet_gaussian']:.3f}; "
+            f"n={results['frechet_n']}, lower is better)"
         )
     if "relative_fisher_mean" in results:
         parts.append(

@@ -5,9 +5,11 @@ Everything is float64 NumPy; the statistical check uses a fixed seed and a toler
 errors derived from the number of replicates, plus the size of the neglected O(1/N^2) terms.
 """
 
+import json
 import math
 import warnings
 
+import jax
 import numpy as np
 import pytest
 
@@ -285,3 +287,43 @@ def test_an_unusable_cache_directory_falls_back_to_memory(trained, monkeypatch, 
         warnings.simplefilter("error")
         got = D.load_or_train_digits_classifier(blocker / "cache")  # its parent is a file: mkdir fails
     assert _same(got, classifier) and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+# ---------------------------------------------------------------------------
+# The model's value next to its floor and a Gaussian fit's; evaluate of a digits run
+# ---------------------------------------------------------------------------
+
+
+def test_frechet_with_baselines_compares_sets_of_one_size(trained):
+    classifier, _ = trained
+    ds = load_dataset("digits", num_train=400, num_test=150)
+    features = classifier.features
+    noise = np.random.default_rng(7).uniform(-1, 1, (500, 8, 8, 1))
+    report = M.frechet_with_baselines(noise, ds.test, ds.train, jax.random.key(0), features=features)
+    assert report.n == 150
+    assert 0 < report.floor < report.gaussian < report.frechet
+    # The floor is the same statistic with training digits in the samples' place.
+    same = M.frechet_with_baselines(ds.train[:150], ds.test, ds.train, jax.random.key(0), features=features)
+    assert same.frechet < same.gaussian and same.floor == report.floor
+    with pytest.raises(ValueError, match=r"train must have examples of shape \(8, 8, 1\), got \(400, 64\)"):
+        M.frechet_with_baselines(noise, ds.test, ds.train.reshape(400, 64), jax.random.key(0), features=features)
+    with pytest.raises(ValueError, match=r"at least 2 examples in each set, got n=1"):
+        M.frechet_with_baselines(noise[:1], ds.test, ds.train, jax.random.key(0), features=features)
+
+
+def test_evaluate_of_a_digits_run_reports_the_frechet_distance_and_its_baselines(
+    trained, no_training, monkeypatch, capsys
+):
+    from dsm_jax import run as run_lib
+    from dsm_jax.config import Config
+
+    monkeypatch.setenv("DSM_JAX_CACHE", str(trained[1]))
+    run = run_lib.build_run(Config(dataset="digits", num_train=512, width=16, depth=1, num_sigmas=3, batch_size=32))
+    samples = np.random.default_rng(8).uniform(-1, 1, (300, 8, 8, 1)).astype(np.float32)
+    out = run_lib.evaluate(run, None, samples, jax.random.key(0))  # params are not used without an exact score
+    assert out["frechet_n"] == 297 == run.dataset.test.shape[0]
+    assert 0 < out["frechet_floor"] < out["frechet_gaussian"] < out["frechet"]
+    assert json.loads(json.dumps(out)) == out  # metrics.json holds it as it is
+    run_lib.print_metrics(out)
+    line = next(line for line in capsys.readouterr().out.splitlines() if "Frechet" in line)
+    assert f"{out['frechet']:.3f}" in line and f"floor {out['frechet_floor']:.3f}" in line, line
