@@ -22,6 +22,8 @@ whose right side needs only samples of ``p`` and the field: that is
   the loss is ``E[1/2 |f(y)|^2 - x^T f(y)] = 1/2 E|f(y) - x|^2 - 1/2 E|x|^2``.
   For ``f(y) = (y + sigma^2 s(y)) / scale`` this is
   ``sigma^4 / scale^2 * dsm_loss(s) - 1/2 E|x|^2``, with the same noise.
+  On noisy samples alone the adjoint is ``(y^T f - sigma^2 div f) / scale``
+  and the loss is SURE up to a constant (``TweedieOperator(noisy_data=True)``).
 
 Second-order DSM (Meng et al. 2021) regresses the posterior covariance
 ``Cov[x | y] = (sigma^2 I + sigma^4 grad^2 log p_sigma(y)) / scale^2`` (the
@@ -107,28 +109,56 @@ class GradientOperator:
 class TweedieOperator:
     """``(L g)(y) = (y g + sigma^2 grad g) / scale`` on ``p_sigma``: ``L p_sigma / p_sigma = E[x | y]``.
 
-    Called with clean data ``x``, it draws ``y = scale x + sigma eps`` with
-    ``eps = jax.random.normal(key, x.shape)`` (the noise of
-    :func:`dsm_jax.losses.dsm_loss` for the same key) and returns the field
-    at ``y`` with the unbiased adjoint term ``x^T f(y)``.
+    Two estimates of the adjoint term, for the two kinds of data:
+
+    * clean data (default): called with ``x``, it draws ``y = scale x + sigma eps``
+      with ``eps = jax.random.normal(key, x.shape)`` (the noise of
+      :func:`dsm_jax.losses.dsm_loss` for the same key) and returns the field
+      at ``y`` with the unbiased adjoint term ``x^T f(y)`` (denoising: no
+      divergence);
+    * ``noisy_data=True``: called with noisy samples ``y`` themselves, it
+      returns ``f(y)`` and the adjoint itself, ``(L^+ f)(y) = (y^T f(y) -
+      sigma^2 div f(y)) / scale`` (the integration by parts; exact or
+      Hutchinson trace). For ``scale = 1`` the loss is then
+      ``1/2 SURE(f) + d sigma^2 / 2 - 1/2 E|y|^2``
+      (:func:`dsm_jax.losses.sure_loss` with the same trace and key).
 
     Attributes:
         sigma: noise level, scalar or ``[B]``, > 0.
         scale: signal scale, scalar or ``[B]`` (1 for VE; ``alpha(t)`` for VP).
+        noisy_data: the data passed are noisy samples ``y``, not clean ``x``.
+        trace: "exact" or "hutchinson" divergence, with ``noisy_data``.
+        num_probes: Hutchinson probes, with ``noisy_data``.
     """
 
     sigma: float | jax.Array
     scale: float | jax.Array = 1.0
+    noisy_data: bool = False
+    trace: str = "exact"
+    num_probes: int = 1
+
+    def __post_init__(self):
+        check_choice("trace", self.trace, TRACES)
+        check_positive_int("num_probes", self.num_probes)
 
     def __call__(self, field_fn: Field, x: jax.Array, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """``(f(y), x^T f(y))`` for ``y = scale x + sigma eps``."""
-        if key is None:
-            raise ValueError("TweedieOperator needs a key for the noise: pass key=jax.random.key(seed).")
+        """``(f(y), x^T f(y))`` for ``y = scale x + sigma eps``, or ``(f(y), (L^+ f)(y))`` with ``noisy_data``."""
         check_sigma(self.sigma, x.shape[0])
         check_sigma(self.scale, x.shape[0], name="scale")
         runtime_check_positive("sigma", self.sigma)
+        sigma_b, scale_b = to_batch(self.sigma, x), to_batch(self.scale, x)
+        if self.noisy_data:
+            if self.trace == "exact":
+                div, value = exact_divergence_and_value(field_fn, x)
+            else:
+                if key is None:
+                    raise ValueError("TweedieOperator(trace='hutchinson') needs a key: pass key=jax.random.key(seed).")
+                div, value = hutchinson_divergence_and_value(field_fn, x, key, num_probes=self.num_probes)
+            return value, (_sum_per_example(x * value) - sigma_b**2 * div) / scale_b
+        if key is None:
+            raise ValueError("TweedieOperator needs a key for the noise: pass key=jax.random.key(seed).")
         eps = jax.random.normal(key, x.shape, dtype=x.dtype)
-        y = to_batch_expanded(self.scale, x) * x + to_batch_expanded(self.sigma, x) * eps
+        y = expand_to(scale_b, x) * x + expand_to(sigma_b, x) * eps
         value = field_fn(y)
         if value.shape != x.shape:
             raise ValueError(f"field_fn returned shape {value.shape}, expected {x.shape} (a denoiser of x).")
