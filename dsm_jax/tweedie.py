@@ -11,6 +11,13 @@ score is exact); the second is the derivative of the first,
 ``Cov[x | y] = sigma^2 / scale * d E[x | y] / d y``, here computed with one
 ``jax.jvp`` per data dimension (meant for small dimensions).
 
+A model trained for the covariance itself (second-order DSM,
+:func:`dsm_jax.losses.second_order_dsm_loss`, with a head such as
+:class:`dsm_jax.models.CovarianceMLP`) gives the same ``[B, D, D]`` through
+:func:`learned_posterior_covariance`, one model call and no Jacobian; code that
+needs ``Cov[x | y]`` (a PiGDM-type inverse solver, say) can take either as a
+callable ``(x_noisy, sigma) -> [B, D, D]``.
+
 References:
     Efron, "Tweedie's formula and selection bias", JASA 2011.
     Robbins, "An empirical Bayes approach to statistics", 1956.
@@ -24,11 +31,21 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dsm_jax._checks import check_batched, check_floating, check_same_shape, check_sigma
-from dsm_jax._utils import to_batch_expanded
+from dsm_jax._checks import check_batched, check_choice, check_floating, check_same_shape, check_sigma
+from dsm_jax._utils import to_batch, to_batch_expanded
 from dsm_jax.parameterization import ModelFn, ScoreFn, as_score_fn
 
-__all__ = ["posterior_mean", "posterior_covariance", "denoise"]
+__all__ = [
+    "COVARIANCE_STRUCTURES",
+    "dense_covariance",
+    "denoise",
+    "learned_posterior_covariance",
+    "posterior_covariance",
+    "posterior_mean",
+]
+
+COVARIANCE_STRUCTURES = ("full", "diagonal", "low_rank")
+"""How a covariance model's output encodes a ``[B, D, D]`` covariance (see :func:`dense_covariance`)."""
 
 
 def _per_example(value, x: jax.Array, name: str) -> jax.Array:
@@ -138,3 +155,78 @@ def denoise(
     check_sigma(sigma, x_noisy.shape[0])
     score_fn = as_score_fn(model_fn, parameterization=parameterization, scale=scale)
     return posterior_mean(lambda y: score_fn(y, sigma), x_noisy, sigma, scale=scale)
+
+
+def dense_covariance(output, structure: str = "full") -> jax.Array:
+    """A covariance model's output as dense ``[B, D, D]`` matrices.
+
+    * ``"full"``: ``output`` is ``C [B, D, D]``, returned as is;
+    * ``"diagonal"``: ``output`` is ``c [B, D]``, ``C = diag(c)``;
+    * ``"low_rank"``: ``output`` is ``(c [B, D], U [B, D, r])``, ``C = diag(c) + U U^T``.
+
+    Args:
+        output: the model output in the form ``structure`` names.
+        structure: one of :data:`COVARIANCE_STRUCTURES`.
+
+    Returns:
+        ``[B, D, D]``.
+    """
+    check_choice("structure", structure, COVARIANCE_STRUCTURES)
+    if structure == "low_rank":
+        if not (isinstance(output, (tuple, list)) and len(output) == 2):
+            raise ValueError(f"a 'low_rank' covariance is a pair (diag [B, D], factor [B, D, r]), got {type(output)}.")
+        diag, factor = output
+        if jnp.ndim(diag) != 2 or jnp.shape(factor)[:2] != jnp.shape(diag) or jnp.ndim(factor) != 3:
+            raise ValueError(
+                f"a 'low_rank' covariance needs diag [B, D] and factor [B, D, r], got shapes "
+                f"{jnp.shape(diag)} and {jnp.shape(factor)}."
+            )
+        return jax.vmap(jnp.diag)(diag) + factor @ jnp.swapaxes(factor, 1, 2)
+    want = 3 if structure == "full" else 2
+    if jnp.ndim(output) != want or (structure == "full" and output.shape[1] != output.shape[2]):
+        shape = "[B, D, D]" if structure == "full" else "[B, D]"
+        raise ValueError(f"a {structure!r} covariance must have shape {shape}, got {jnp.shape(output)}.")
+    return output if structure == "full" else jax.vmap(jnp.diag)(output)
+
+
+def learned_posterior_covariance(covariance_fn, x_noisy: jax.Array, sigma, *, structure: str = "full") -> jax.Array:
+    """``Cov[x | y]`` from a model trained for it, as dense ``[B, D, D]``.
+
+    The learned counterpart of :func:`posterior_covariance`: ``covariance_fn``
+    is a model ``(x_noisy [B, *D], sigma [B]) -> output`` trained with
+    :func:`dsm_jax.losses.second_order_dsm_loss` (whose minimiser is
+    ``Cov[x | y]``, so the signal scale is already in the model), its output
+    in the form ``structure`` names (:func:`dense_covariance`). One model
+    call, no Jacobian: this is what makes a covariance usable at high ``D``.
+
+    Args:
+        covariance_fn: ``covariance_fn(x_noisy, sigma) -> output``, ``sigma: [B]``.
+        x_noisy: ``[B, *D]``.
+        sigma: scalar or ``[B]``.
+        structure: one of :data:`COVARIANCE_STRUCTURES`.
+
+    Returns:
+        ``[B, D, D]`` with ``D = prod(*D)``.
+
+    Example:
+        >>> cov_fn = lambda y, s: jnp.broadcast_to(s[:, None] ** 2 / 2, y.shape)  # N(0, I) data, diagonal
+        >>> learned_posterior_covariance(cov_fn, jnp.zeros((1, 2)), 1.0, structure="diagonal")
+        Array([[[0.5, 0. ],
+                [0. , 0.5]]], dtype=float32)
+
+    References:
+        Meng, Song, Li & Ermon, NeurIPS 2021.
+    """
+    check_batched("x_noisy", x_noisy)
+    check_floating("x_noisy", x_noisy)
+    check_sigma(sigma, x_noisy.shape[0])
+    check_choice("structure", structure, COVARIANCE_STRUCTURES)
+    sigma_b = to_batch(sigma, x_noisy)
+    cov = dense_covariance(covariance_fn(x_noisy, sigma_b), structure)
+    dim = math.prod(x_noisy.shape[1:])
+    if cov.shape != (x_noisy.shape[0], dim, dim):
+        raise ValueError(
+            f"covariance_fn gave covariances of shape {cov.shape}, expected {(x_noisy.shape[0], dim, dim)} "
+            f"for x_noisy of shape {x_noisy.shape}."
+        )
+    return cov

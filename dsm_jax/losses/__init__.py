@@ -36,9 +36,21 @@ from dsm_jax.losses.denoising import (
     sde_dsm_loss,
     sure_loss,
 )
+from dsm_jax.losses.generalized import (
+    SECOND_ORDER_TARGETS,
+    GradientOperator,
+    TweedieOperator,
+    generalized_score_matching_loss,
+    second_order_dsm_loss,
+)
 from dsm_jax.losses.score_matching import explicit_score_matching_loss, sliced_score_matching_loss
 
 __all__ = [
+    "SECOND_ORDER_TARGETS",
+    "GradientOperator",
+    "TweedieOperator",
+    "generalized_score_matching_loss",
+    "second_order_dsm_loss",
     "SDE_WEIGHTINGS",
     "SIGMA_SAMPLING",
     "dsm_loss",

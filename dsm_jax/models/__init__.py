@@ -6,11 +6,13 @@ model signature (optionally with NCSNv2's ``output / sigma``) and
 """
 
 from dsm_jax.models.apply import init_params, make_dsm_loss_fn, make_model_fn, make_score_fn
+from dsm_jax.models.covariance import CovarianceMLP
 from dsm_jax.models.embeddings import GaussianFourierEmbedding, SigmaEmbedding, sinusoidal_embedding
 from dsm_jax.models.mlp import NoiseConditionalMLP
 from dsm_jax.models.unet import UNet
 
 __all__ = [
+    "CovarianceMLP",
     "GaussianFourierEmbedding",
     "NoiseConditionalMLP",
     "SigmaEmbedding",
