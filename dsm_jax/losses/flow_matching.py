@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,10 @@ T_SAMPLING = ("uniform", "logit_normal")
 Coupling = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def _check_coupling(coupling):
+def _check_coupling(coupling) -> Coupling | None:
     """The coupling callable (None: independent pairs) from a name of ``COUPLINGS`` or a callable."""
     if coupling is None or callable(coupling):
-        return coupling
+        return cast(Coupling | None, coupling)
     return COUPLINGS[check_choice("coupling", coupling, tuple(COUPLINGS))]
 
 
