@@ -335,3 +335,17 @@ def test_logit_normal_times_concentrate_mid_path():
     flow_matching_loss(record, jnp.ones((4000, 1)), _KEY, t_sampling="logit_normal")
     t = np.asarray(seen[0])
     assert abs(t.mean() - 0.5) < 0.02 and t.std() < 0.25 < np.sqrt(1.0 / 12.0)
+
+
+def test_flow_model_gets_the_exact_log_likelihood():
+    """The exact linear-path velocity, as a VE score model, through dsm_jax.likelihood with a VESDE: the
+    log-density of MIX.convolve(sigma(t_min)) at the data, to 2e-3 nats (the ODE tolerance is 1e-5)."""
+    from dsm_jax.likelihood import log_likelihood
+
+    path, sde = LinearPath(), VESDE(0.01, 20.0)
+    model_fn = flows.score_model_from_velocity(flows.exact_velocity(MIX, path), path)
+    x = MIX.sample(jax.random.key(40), 8)
+    prior = MIX.convolve(float(sde.sigma(1.0)))
+    ll = jax.jit(lambda x: log_likelihood(model_fn, sde, x, prior_log_prob=prior.log_prob))(x)
+    expected = MIX.convolve(float(sde.sigma(sde.t_min))).log_prob(x)
+    np.testing.assert_allclose(ll, expected, atol=2e-3)
