@@ -402,9 +402,9 @@ def score_model_from_velocity(velocity_fn: VelocityFn, path: GaussianPath, *, sd
     flow-matching model samples with :func:`dsm_jax.samplers.annealed_langevin`,
     the sigma-grid ODE samplers, ``probability_flow_ode(..., VESDE(...))`` and
     gets log-likelihoods from :func:`dsm_jax.likelihood.log_likelihood` with a
-    ``VESDE`` (or with ``sde`` for that SDE). Defined where ``sigma(t) > 0``:
-    keep the smallest level above ``path.noise_ratio(1)`` (0 for a
-    ``LinearPath()``, where ``sigma_min`` of the SDE is enough).
+    ``VESDE`` (or with ``sde`` for that SDE). Defined where ``sigma(t) > 0``,
+    i.e. for noise levels above ``path.noise_ratio(1.0)`` (0 for ``LinearPath()``,
+    about 1e-3 for ``VPPath()``).
 
     Args:
         velocity_fn: ``velocity_fn(x, t) -> [B, *D]``, ``t: [B]``.
