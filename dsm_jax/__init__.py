@@ -97,6 +97,7 @@ __version__ = "0.1.0"
 # scikit-learn or matplotlib load on first use, and so do the names taken from them: ``import dsm_jax``
 # stays at the cost of jax itself.
 _LAZY_MODULES = (
+    "flows",
     "sde",
     "ode",
     "samplers",

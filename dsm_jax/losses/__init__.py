@@ -36,6 +36,7 @@ from dsm_jax.losses.denoising import (
     sde_dsm_loss,
     sure_loss,
 )
+from dsm_jax.losses.flow_matching import flow_matching_loss
 from dsm_jax.losses.generalized import (
     SECOND_ORDER_TARGETS,
     GradientOperator,
@@ -55,6 +56,7 @@ __all__ = [
     "SIGMA_SAMPLING",
     "dsm_loss",
     "explicit_score_matching_loss",
+    "flow_matching_loss",
     "is_key_batch",
     "multiscale_dsm_loss",
     "per_sigma_dsm_losses",
