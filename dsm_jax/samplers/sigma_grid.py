@@ -216,7 +216,7 @@ def heun(
     num = sigmas.shape[0]
     gamma = min(churn / num, math.sqrt(2.0) - 1.0)
     gammas = jnp.where((sigmas >= s_tmin) & (sigmas <= float(s_tmax)), gamma, 0.0).astype(sigmas.dtype)
-    keys = jax.random.split(key, num) if stochastic else jnp.zeros((num,))
+    keys = jax.random.split(key, num) if key is not None and stochastic else jnp.zeros((num,))
 
     def churned(x, sigma, gamma, k):
         """``(x_hat, sigma_hat)``: the state with its noise raised by ``gamma`` (Algorithm 2, lines 5-6)."""
