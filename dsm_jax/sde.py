@@ -78,6 +78,7 @@ __all__ = [
     "ExactScoreModel",
     "exact_score_model",
     "time_score_fn",
+    "ve_model_from_vp",
 ]
 
 TimeScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -466,6 +467,62 @@ def time_score_fn(model_fn: ModelFn, sde: SDE, *, parameterization: str = "score
         return model_to_score(model_fn, x, to_batch(sigma, x), parameterization, scale=to_batch(scale, x))
 
     return score_fn
+
+
+def ve_model_from_vp(model_fn: ModelFn, sde: SDE, *, parameterization: str = "score") -> ModelFn:
+    """A model trained with a VP-type SDE as a model of the VE process, for the sigma-grid samplers.
+
+    The EDM change of variables (Karras et al. 2022, Sec. 4 and App. B.2): with
+    ``x_t = scale(t) x_0 + sigma(t) eps``, the variable ``x_ve = x_t / scale(t) =
+    x_0 + sigma_ve eps`` is the VE process at the noise level ``sigma_ve =
+    sigma(t) / scale(t)`` (:meth:`SDE.noise_ratio`), and its density is
+    ``p_ve(x_ve) = scale^d p_t(scale x_ve)``, so
+
+        ``grad log p_ve(x_ve; sigma_ve) = scale(t) * s_t(scale(t) x_ve)``,
+        ``t = sde.t_from_noise_ratio(sigma_ve)``;
+
+    the denoisers agree: ``D_ve(x_ve, sigma_ve) = E[x_0 | x_t] = (x_t + sigma^2 s_t(x_t)) / scale``.
+    ``s_t`` is ``model_fn`` evaluated as the library trains VP models
+    (:func:`dsm_jax.losses.sde_dsm_loss`): on ``x_t``, conditioned on the marginal
+    ``sigma(t)``, its output converted with ``scale(t)``
+    (:func:`time_score_fn`, so an :func:`exact_score_model` of ``sde`` keeps its precision).
+
+    The returned model outputs the VE score ("score" parameterization, the
+    samplers' default), for noise levels in ``[sde.noise_ratio(t_min),
+    sde.noise_ratio(T)]`` (about ``0.0014 .. 152`` for ``VPSDE(0.1, 20)``; a grid should stay
+    inside, e.g. ``karras_sigmas(80.0, 0.002, n)`` as in EDM). The VP prior ``N(0, I)``
+    at ``T`` is ``N(0, (1 + sigma_ve(T)^2) I)`` in the VE variable, close to
+    ``sigma_ve * N(0, I)``, the samplers' ``x_init``. A VE SDE maps to itself.
+
+    Args:
+        model_fn: ``model_fn(x_t, sigma) -> out`` of a model trained with ``sde``.
+        sde: the :class:`SDE` it was trained with (VP or sub-VP).
+        parameterization: what ``model_fn`` outputs: "score", "eps", "x0" or "energy".
+
+    Returns:
+        ``model_ve(x_ve, sigma_ve) -> score`` ("score" parameterization).
+
+    Example:
+        >>> from dsm_jax.distributions import Gaussian
+        >>> from dsm_jax.samplers import heun
+        >>> from dsm_jax.noise import karras_sigmas
+        >>> model_fn = ve_model_from_vp(exact_score_model(Gaussian(jnp.zeros(2), jnp.ones(2)), VPSDE()), VPSDE())
+        >>> sigmas = karras_sigmas(80.0, 0.002, 18)
+        >>> x = heun(model_fn, sigmas[0] * jax.random.normal(jax.random.key(0), (4, 2)), sigmas)
+        >>> x.shape
+        (4, 2)
+
+    References:
+        Karras, Aittala, Aila & Laine, NeurIPS 2022, Sec. 4 (Eq. 4) and Appendix B.2.
+    """
+    score_fn = time_score_fn(model_fn, sde, parameterization=parameterization)
+
+    def ve_model(x, sigma):
+        t = sde.t_from_noise_ratio(to_batch(sigma, x))
+        scale = to_batch_expanded(sde.scale(t), x).astype(x.dtype)
+        return scale * score_fn(scale * x, t)
+
+    return ve_model
 
 
 def _same_sde(a: SDE, b: SDE) -> bool:

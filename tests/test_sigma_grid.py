@@ -12,6 +12,7 @@ from dsm_jax import metrics
 from dsm_jax.data import eight_gaussians_mixture
 from dsm_jax.noise import karras_sigmas
 from dsm_jax.samplers import SampleResult, dpm_solver_pp, euler, heun
+from dsm_jax.sde import VPSDE, SubVPSDE, exact_score_model, ve_model_from_vp
 
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
 GMM = eight_gaussians_mixture()
@@ -245,3 +246,35 @@ def test_error_falls_at_the_solver_order(name, order):
     slope = -np.polyfit(np.log(levels), np.log(errors), 1)[0]
     print(f"{name}: errors {np.round(errors, 6)}, fitted order {slope:.2f}")
     assert abs(slope - order) < 0.3
+
+
+# ---------------------------------------------------------------------------
+# VP models through the EDM change of variables
+# ---------------------------------------------------------------------------
+
+
+def gmm_score(x, sigma):
+    """The exact VE score of the 8 Gaussians noised by sigma."""
+    return jax.vmap(lambda xi, si: GMM.convolve(si).score(xi[None])[0])(x, sigma)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(0.1, 20.0), SubVPSDE(0.1, 20.0)], ids=["vp", "subvp"])
+def test_vp_model_as_a_ve_model_is_the_exact_ve_score(sde):
+    exact = exact_score_model(GMM, sde)
+    sigma = jnp.asarray(np.geomspace(SIGMA_MAX, SIGMA_MIN, 64), jnp.float32)
+    x = GMM.sample(jax.random.key(0), 64) + sigma[:, None] * jax.random.normal(jax.random.key(1), (64, 2))
+    eps_model = lambda x, s: -s[:, None] * exact(x, s)  # the eps model of the same law
+    score_ve = ve_model_from_vp(exact, sde)
+    eps_ve = ve_model_from_vp(eps_model, sde, parameterization="eps")
+    expected, *got = jax.jit(lambda x, s: (gmm_score(x, s), score_ve(x, s), eps_ve(x, s)))(x, sigma)
+    for g in got:
+        # sigma * score is O(1) at every level; float32 rounding leaves ~2e-6.
+        np.testing.assert_allclose(sigma[:, None] * g, sigma[:, None] * expected, atol=1e-5)
+
+
+def test_heun_samples_a_vp_model_like_the_ve_formulation():
+    sigmas = karras_sigmas(SIGMA_MAX, SIGMA_MIN, 18)
+    x_init = sigmas[0] * jax.random.normal(jax.random.key(3), (256, 2))
+    vp_model = ve_model_from_vp(exact_score_model(GMM, VPSDE(0.1, 20.0)), VPSDE(0.1, 20.0))
+    vp, ve = jax.jit(lambda x: (heun(vp_model, x, sigmas), heun(gmm_score, x, sigmas)))(x_init)
+    np.testing.assert_allclose(vp, ve, atol=5e-5)  # measured 4e-6
