@@ -278,3 +278,76 @@ def test_heun_samples_a_vp_model_like_the_ve_formulation():
     vp_model = ve_model_from_vp(exact_score_model(GMM, VPSDE(0.1, 20.0)), VPSDE(0.1, 20.0))
     vp, ve = jax.jit(lambda x: (heun(vp_model, x, sigmas), heun(gmm_score, x, sigmas)))(x_init)
     np.testing.assert_allclose(vp, ve, atol=5e-5)  # measured 4e-6
+
+
+# ---------------------------------------------------------------------------
+# Parity with a peer implementation (diffusers' schedulers; optional, the bench extra)
+# ---------------------------------------------------------------------------
+
+
+def _diffusers_trajectory(name, x_init, sigmas):
+    """The same exact denoiser through a NumPy bridge in diffusers' scheduler of the same method.
+
+    Each scheduler gets exactly our grid (its ``sigmas`` set to ``[sigmas, 0]``, Heun's with
+    the inner levels doubled as its ``set_timesteps`` builds them) and ``prediction_type="sample"``,
+    so the model output is the denoiser. DPM-Solver multistep works on ``x_vp = x / sqrt(1 + sigma^2)``
+    (its alpha_t, sigma_t from the VE sigma): its states are mapped back to compare.
+    """
+    torch = pytest.importorskip("torch")
+    schedulers = pytest.importorskip("diffusers.schedulers")
+    den = jax.jit(gmm_denoiser)
+    grid = torch.from_numpy(np.concatenate([np.asarray(sigmas), [0.0]]).astype(np.float32))
+    num = len(sigmas)
+
+    def denoise(x, sigma):
+        x = np.asarray(x, np.float32)
+        return torch.from_numpy(np.asarray(den(jnp.asarray(x), jnp.full((x.shape[0],), sigma, jnp.float32))))
+
+    x = torch.from_numpy(np.asarray(x_init))
+    traj = [np.asarray(x_init)]
+    if name == "euler":
+        sch = schedulers.EulerDiscreteScheduler(prediction_type="sample")
+        sch.set_timesteps(num)
+        sch.sigmas = grid.clone()
+        sch.is_scale_input_called = True  # the bridge feeds the unscaled state to the denoiser
+    elif name == "heun":
+        sch = schedulers.HeunDiscreteScheduler(prediction_type="sample")
+        sch.set_timesteps(num)
+        sch.sigmas = torch.cat([grid[:1], grid[1:-1].repeat_interleave(2), grid[-1:]])
+    else:
+        sch = schedulers.DPMSolverMultistepScheduler(
+            prediction_type="sample", algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
+        )
+        sch.set_timesteps(num)
+        sch.sigmas = grid.clone()
+        x = x / float(np.sqrt(1.0 + float(grid[0]) ** 2))
+    sch.set_begin_index(0)
+    for k, t in enumerate(sch.timesteps):
+        sigma = float(sch.sigmas[k])
+        if name == "dpm_solver_pp":
+            to_ve = lambda v, s: v.numpy() * np.sqrt(1.0 + s**2)
+            x = sch.step(denoise(to_ve(x, sigma), sigma), t, x).prev_sample
+            traj.append(to_ve(x, float(grid[k + 1])))
+        elif name == "heun":
+            first = sch.state_in_first_order
+            x = sch.step(denoise(x, sigma), t, x).prev_sample
+            if not first or k == len(sch.timesteps) - 1:  # a completed step (or the last, Euler, one)
+                traj.append(x.numpy())
+        else:
+            x = sch.step(denoise(x, sigma), t, x).prev_sample
+            traj.append(x.numpy())
+    return np.stack(traj)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_trajectories_match_diffusers(name):
+    sigmas = karras_sigmas(SIGMA_MAX, SIGMA_MIN, 10)
+    x_init = sigmas[0] * jax.random.normal(jax.random.key(0), (64, 2))
+    reference = _diffusers_trajectory(name, x_init, sigmas)
+    _, ours = SAMPLERS[name](gmm_denoiser, x_init, sigmas, parameterization="x0", return_trajectory=True)
+    assert ours is not None and ours.shape == reference.shape == (11, 64, 2)
+    difference = np.max(np.abs(np.asarray(ours) - reference), axis=(1, 2))
+    print(f"{name}: max |ours - diffusers| per level {np.array2string(difference, precision=2)}")
+    # float32 rounding: 16 ulps of each level's largest state (from ~100 at sigma = 80 to ~2.5 at the end).
+    ulps = np.finfo(np.float32).eps * np.max(np.abs(reference), axis=(1, 2))
+    assert np.all(difference <= 16 * ulps), difference / ulps
