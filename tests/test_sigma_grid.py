@@ -1,5 +1,6 @@
 """Karras grids and the sigma-grid samplers (Euler, Heun, DPM-Solver++) against exact answers."""
 
+import functools
 import math
 import re
 
@@ -83,25 +84,30 @@ def test_karras_sigmas_rejects_bad_input(kwargs, name):
 def test_nfe_returns_and_trajectory(name):
     sigmas = karras_sigmas(10.0, 0.01, 6)
     x_init = sigmas[0] * jax.random.normal(jax.random.key(0), (8, 2))
-    sampler = SAMPLERS[name]
-    out = sampler(gauss_denoiser, x_init, sigmas, parameterization="x0", return_result=True, return_trajectory=True)
+    sampler = functools.partial(SAMPLERS[name], x_init=x_init, sigmas=sigmas)
+    out, plain, from_score = jax.jit(
+        lambda: (
+            sampler(gauss_denoiser, parameterization="x0", return_result=True, return_trajectory=True),
+            sampler(gauss_denoiser, parameterization="x0"),
+            sampler(gauss_score),
+        )
+    )()
     assert isinstance(out, SampleResult) and int(out.nfe) == NFE[name](6)
     assert out.trajectory is not None and out.trajectory.shape == (7, 8, 2)
     np.testing.assert_array_equal(out.trajectory[0], x_init)
     np.testing.assert_array_equal(out.trajectory[-1], out.samples)
-    plain = sampler(gauss_denoiser, x_init, sigmas, parameterization="x0")
     np.testing.assert_array_equal(plain, out.samples)
     # The last step is the first-order step to sigma = 0: the denoiser at the last level.
     np.testing.assert_allclose(out.samples, gauss_denoiser(out.trajectory[-2], jnp.full((8,), sigmas[-1])), atol=1e-6)
     # The score parameterization gives the same samples through D = x + sigma^2 s.
-    np.testing.assert_allclose(sampler(gauss_score, x_init, sigmas), out.samples, atol=2e-4)
+    np.testing.assert_allclose(from_score, out.samples, atol=2e-4)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_one_level_is_one_denoising_step(name):
     sigmas = jnp.array([0.5])
     x = jax.random.normal(jax.random.key(1), (4, 2))
-    out = SAMPLERS[name](gauss_denoiser, x, sigmas, parameterization="x0", return_result=True)
+    out = jax.jit(lambda x: SAMPLERS[name](gauss_denoiser, x, sigmas, parameterization="x0", return_result=True))(x)
     assert int(out.nfe) == 1
     np.testing.assert_allclose(out.samples, gauss_denoiser(x, jnp.full((4,), 0.5)), atol=1e-6)
 
@@ -173,7 +179,7 @@ def mmd_floor():
 
 def _mmd_ratio(samples, mmd_floor):
     floor, test = mmd_floor
-    return float(metrics.mmd2(samples, test, bandwidth=floor.bandwidth)) / float(floor.floor)
+    return float(jax.jit(metrics.mmd2)(samples, test, bandwidth=floor.bandwidth)) / float(floor.floor)
 
 
 def _grid_samples(sampler, num, **kwargs):
@@ -209,13 +215,12 @@ def test_too_few_euler_steps_are_seen_by_the_mmd(mmd_floor):
 def test_churn_draws_differ_by_key_and_repeat_with_it():
     sigmas = karras_sigmas(10.0, 0.01, 6)
     x_init = sigmas[0] * jax.random.normal(jax.random.key(0), (8, 2))
-    run = lambda k: heun(gauss_denoiser, x_init, sigmas, k, churn=5.0, parameterization="x0")
-    a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+    run = functools.partial(heun, gauss_denoiser, x_init, sigmas, parameterization="x0")
+    a, b, c = run(jax.random.key(1), churn=5.0), run(jax.random.key(1), churn=5.0), run(jax.random.key(2), churn=5.0)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     # Churn outside [s_tmin, s_tmax] does nothing: Algorithm 1's samples.
-    quiet = heun(gauss_denoiser, x_init, sigmas, jax.random.key(1), churn=5.0, s_tmin=20.0, parameterization="x0")
-    np.testing.assert_allclose(quiet, heun(gauss_denoiser, x_init, sigmas, parameterization="x0"), atol=1e-6)
+    np.testing.assert_allclose(run(jax.random.key(1), churn=5.0, s_tmin=20.0), run(), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -237,11 +242,12 @@ def gauss_flow_sample(x_init, sigma_max, sigma_min):
 def test_error_falls_at_the_solver_order(name, order):
     z = jax.random.normal(jax.random.key(0), (16, 2))
     levels = np.array([16, 32, 64, 128])
+    run = jax.jit(functools.partial(SAMPLERS[name], gauss_denoiser, parameterization="x0"))
     errors = []
     for num in levels:
         sigmas = karras_sigmas(SIGMA_MAX, SIGMA_MIN, int(num))
         x_init = sigmas[0] * z
-        out = SAMPLERS[name](gauss_denoiser, x_init, sigmas, parameterization="x0")
+        out = run(x_init, sigmas)
         errors.append(float(jnp.max(jnp.abs(out - gauss_flow_sample(x_init, SIGMA_MAX, SIGMA_MIN)))))
     slope = -np.polyfit(np.log(levels), np.log(errors), 1)[0]
     print(f"{name}: errors {np.round(errors, 6)}, fitted order {slope:.2f}")
