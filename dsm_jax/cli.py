@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num", type=_positive_int, help="number of samples (default: the run's num_samples)")
         p.add_argument("--sampler", choices=samplers, help=run_lib.describe_samplers())
         p.add_argument("--seed", type=_non_negative_int, help="sampling seed (default: the run's seed)")
+        p.add_argument(
+            "--steps",
+            type=_positive_int,
+            help="noise levels of the euler, heun and dpmpp samplers: N evaluations, heun 2 N - 1 "
+            "(default: the run's grid_steps)",
+        )
 
     d = sub.add_parser(
         "denoise",
@@ -223,6 +229,7 @@ def cmd_sample(args) -> int:
         sampler=args.sampler,
         num=args.num,
         seed=args.seed,
+        steps=args.steps,
         on_phase=_phase_setter(args),
     )
     return 0

@@ -110,6 +110,9 @@ class Config:
     step_lr: float | None = _field(2e-5, "annealed Langevin step scale (None: NCSNv2 technique 4)")
     sde_steps: int = _field(500, "time steps of the em and pc samplers")
     snr: float = _field(0.16, "signal-to-noise ratio of the pc sampler's Langevin corrector")
+    grid_steps: int = _field(
+        18, "noise levels of the euler, heun and dpmpp samplers (N evaluations, heun 2 N - 1); sample --steps"
+    )
     final_denoise: bool = _field(True, "end sampling with one Tweedie denoising step at the smallest sigma")
     fisher_samples: int = _field(
         2000, "points per level for the relative Fisher divergence (when the exact score is known)"
@@ -126,6 +129,7 @@ class Config:
             "num_samples",
             "steps_per_sigma",
             "sde_steps",
+            "grid_steps",
             "fisher_samples",
             "width",
             "channels",
@@ -213,6 +217,7 @@ NON_TRAINING_FIELDS = frozenset(
         "steps_per_sigma",
         "step_lr",
         "sde_steps",
+        "grid_steps",
         "snr",
         "final_denoise",
         "fisher_samples",

@@ -82,6 +82,7 @@ __all__ = [
     "draw_samples",
     "evaluate",
     "fit_to_data",
+    "karras_grid",
     "load_trained",
     "lock_workdir",
     "output_names",
@@ -408,6 +409,40 @@ def _probability_flow(model_fn, sde, x0, key, cfg):
     return samplers.probability_flow_ode(model_fn, sde, x0, **_options(cfg))
 
 
+def karras_grid(run: Run):
+    """The grid of the sigma-grid samplers: ``Config.grid_steps`` Karras levels over the run's sigma range.
+
+    ``karras_sigmas(sigmas[0], sigmas[-1], grid_steps)`` (EDM Eq. 5, rho = 7),
+    so a model trained on any grid of the run's range is queried inside it; one
+    level is ``sigmas[0]`` alone (a single denoising step).
+    """
+    from dsm_jax.noise import karras_sigmas
+
+    hi, lo, num = float(run.sigmas[0]), float(run.sigmas[-1]), run.config.grid_steps
+    return karras_sigmas(hi, lo, num) if num > 1 else jnp.asarray([hi], jnp.float32)
+
+
+def _on_the_grid(pick: Callable) -> Callable:
+    """A ``draw`` running the sampler ``pick(dsm_jax.samplers)`` from ``sigmas[0] * N(0, I)`` on :func:`karras_grid`."""
+
+    def draw(run: Run, model_fn, key, shape):
+        from dsm_jax import samplers
+
+        solve, sigmas = pick(samplers), karras_grid(run)
+        options = dict(parameterization=run.config.parameterization, return_result=True)
+        result = jax.jit(lambda x: solve(model_fn, x, sigmas, **options))(sigmas[0] * jax.random.normal(key, shape))
+        return result.samples, int(result.nfe)
+
+    return draw
+
+
+_MORE_STEPS = "more levels (sample --steps N, or --set grid_steps=N)"
+
+
+def _describe_grid(run: Run) -> str:
+    return f"{run.config.grid_steps} Karras levels, sigma {run.sigmas[0]:.3g} -> {run.sigmas[-1]:.3g}, then 0"
+
+
 def _ve_sde(run: Run) -> str:
     return f"of the VE SDE, sigma {run.sigmas[0]:.3g} -> {run.sigmas[-1]:.3g}"
 
@@ -437,6 +472,9 @@ SAMPLERS = {
         lambda run: f"adaptive Tsit5 on the probability flow {_ve_sde(run)}",
         "another sampler",
     ),
+    "euler": Sampler("Euler on a sigma grid", _on_the_grid(lambda s: s.euler), _describe_grid, _MORE_STEPS),
+    "heun": Sampler("Heun (EDM) on a sigma grid", _on_the_grid(lambda s: s.heun), _describe_grid, _MORE_STEPS),
+    "dpmpp": Sampler("DPM-Solver++ 2M", _on_the_grid(lambda s: s.dpm_solver_pp), _describe_grid, _MORE_STEPS),
 }
 """The samplers of ``dsm-jax --sampler`` and of ``Config.sampler``, by name: the one table of their names."""
 
@@ -1016,11 +1054,13 @@ def sample_workdir(
     sampler: str | None = None,
     num: int | None = None,
     seed: int | None = None,
+    steps: int | None = None,
     on_phase: Callable[[str], None] = _ignore,
 ) -> dict:
     """``dsm-jax sample`` (``evaluate=False``) and ``evaluate``: files named by :func:`output_names`.
 
-    ``sampler``, ``num`` and ``seed`` default to the run's. ``evaluate`` with
+    ``sampler``, ``num`` and ``seed`` default to the run's; ``steps`` sets the
+    run's ``grid_steps`` (the levels of the euler, heun and dpmpp samplers). ``evaluate`` with
     the training run's own sampler, size and seed recomputes its record and
     says whether the metrics changed; the training run's files are kept
     otherwise. The work directory is locked while this writes into it.
@@ -1034,6 +1074,8 @@ def sample_workdir(
         # sample and evaluate write into the run directory: one writer at a time.
         lock = lock_workdir(stack, workdir, command) if workdir.is_dir() else None
         run, params = load_trained(workdir)
+        if steps is not None:
+            run.config = dataclasses.replace(run.config, grid_steps=steps)
         cfg = run.config
         sampler = sampler or cfg.sampler
         num = cfg.num_samples if num is None else num

@@ -75,8 +75,10 @@ __all__ = [
     "TimeScoreFn",
     "check_score_input",
     "check_sde",
+    "ExactScoreModel",
     "exact_score_model",
     "time_score_fn",
+    "ve_model_from_vp",
 ]
 
 TimeScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -435,7 +437,9 @@ def time_score_fn(model_fn: ModelFn, sde: SDE, *, parameterization: str = "score
     ``scale(t)``): the model stays conditioned on sigma, the SDE maps time to
     sigma. This is where the samplers and the likelihood convert a model,
     once (the parameterization is validated here, not per call); everything
-    after works on a score.
+    after works on a score. An :class:`ExactScoreModel` of the same ``sde``
+    is used through its ``time_score(x, t)``, exact also where a float32
+    ``sigma(t)`` cannot say ``scale(t)`` (VP near ``T``).
 
     Args:
         model_fn: ``model_fn(x, sigma) -> out`` with ``sigma: [B]``.
@@ -454,12 +458,86 @@ def time_score_fn(model_fn: ModelFn, sde: SDE, *, parameterization: str = "score
     """
     check_sde(sde)
     check_parameterization(parameterization)
+    if parameterization == "score" and isinstance(model_fn, ExactScoreModel) and _same_sde(model_fn.sde, sde):
+        # The exact score in time: its scale from t, not from the rounded sigma(t).
+        return model_fn.time_score
 
     def score_fn(x, t):
         scale, sigma = sde.marginal(t)
         return model_to_score(model_fn, x, to_batch(sigma, x), parameterization, scale=to_batch(scale, x))
 
     return score_fn
+
+
+def ve_model_from_vp(model_fn: ModelFn, sde: SDE, *, parameterization: str = "score") -> ModelFn:
+    """A model trained with a VP-type SDE as a model of the VE process, for the sigma-grid samplers.
+
+    The EDM change of variables (Karras et al. 2022, Sec. 4 and App. B.2): with
+    ``x_t = scale(t) x_0 + sigma(t) eps``, the variable ``x_ve = x_t / scale(t) =
+    x_0 + sigma_ve eps`` is the VE process at the noise level ``sigma_ve =
+    sigma(t) / scale(t)`` (:meth:`SDE.noise_ratio`), and its density is
+    ``p_ve(x_ve) = scale^d p_t(scale x_ve)``, so
+
+        ``grad log p_ve(x_ve; sigma_ve) = scale(t) * s_t(scale(t) x_ve)``,
+        ``t = sde.t_from_noise_ratio(sigma_ve)``;
+
+    the denoisers agree: ``D_ve(x_ve, sigma_ve) = E[x_0 | x_t] = (x_t + sigma^2 s_t(x_t)) / scale``.
+    ``s_t`` is ``model_fn`` evaluated as the library trains VP models
+    (:func:`dsm_jax.losses.sde_dsm_loss`): on ``x_t``, conditioned on the marginal
+    ``sigma(t)``, its output converted with ``scale(t)``
+    (:func:`time_score_fn`, so an :func:`exact_score_model` of ``sde`` keeps its precision).
+
+    The returned model outputs the VE score ("score" parameterization, the
+    samplers' default), for noise levels in ``[sde.noise_ratio(t_min),
+    sde.noise_ratio(T)]`` (about ``0.0014 .. 152`` for ``VPSDE(0.1, 20)``; a grid should stay
+    inside, e.g. ``karras_sigmas(80.0, 0.002, n)`` as in EDM). The VP prior ``N(0, I)``
+    at ``T`` is ``N(0, (1 + sigma_ve(T)^2) I)`` in the VE variable, close to
+    ``sigma_ve * N(0, I)``, the samplers' ``x_init``. A VE SDE maps to itself.
+
+    Args:
+        model_fn: ``model_fn(x_t, sigma) -> out`` of a model trained with ``sde``.
+        sde: the :class:`SDE` it was trained with (VP or sub-VP).
+        parameterization: what ``model_fn`` outputs: "score", "eps", "x0" or "energy".
+
+    Returns:
+        ``model_ve(x_ve, sigma_ve) -> score`` ("score" parameterization).
+
+    Example:
+        >>> from dsm_jax.distributions import Gaussian
+        >>> from dsm_jax.samplers import heun
+        >>> from dsm_jax.noise import karras_sigmas
+        >>> model_fn = ve_model_from_vp(exact_score_model(Gaussian(jnp.zeros(2), jnp.ones(2)), VPSDE()), VPSDE())
+        >>> sigmas = karras_sigmas(80.0, 0.002, 18)
+        >>> x = heun(model_fn, sigmas[0] * jax.random.normal(jax.random.key(0), (4, 2)), sigmas)
+        >>> x.shape
+        (4, 2)
+
+    References:
+        Karras, Aittala, Aila & Laine, NeurIPS 2022, Sec. 4 (Eq. 4) and Appendix B.2.
+    """
+    score_fn = time_score_fn(model_fn, sde, parameterization=parameterization)
+
+    def ve_model(x, sigma):
+        t = sde.t_from_noise_ratio(to_batch(sigma, x))
+        scale = to_batch_expanded(sde.scale(t), x).astype(x.dtype)
+        return scale * score_fn(scale * x, t)
+
+    return ve_model
+
+
+def _same_sde(a: SDE, b: SDE) -> bool:
+    """``a`` and ``b`` are the same process: one object, or the same class with equal concrete parameters."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    return (
+        tree_a == tree_b
+        and all(is_concrete(u) and is_concrete(v) for u, v in zip(leaves_a, leaves_b, strict=True))
+        and all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(leaves_a, leaves_b, strict=True))
+    )
 
 
 def check_score_input(score_fn: TimeScoreFn, sde: SDE, x: jax.Array, *, name: str = "x") -> None:
@@ -476,7 +554,33 @@ def check_score_input(score_fn: TimeScoreFn, sde: SDE, x: jax.Array, *, name: st
     check_same_shape("model_fn", out, x.shape, f"the shape of {name}, {tuple(x.shape)}")
 
 
-def exact_score_model(distribution, sde: SDE):
+class ExactScoreModel:
+    """The exact score of a noised ground-truth law, as a model: see :func:`exact_score_model`.
+
+    ``model(x, sigma)`` is the score of ``distribution.convolve(sigma,
+    scale=sde.scale_for_sigma(sigma))``; ``model.time_score(x, t)`` the score of
+    ``p_t`` with ``(scale, sigma) = sde.marginal(t)`` taken from ``t``, which
+    :func:`time_score_fn` uses when given this model with the same ``sde``.
+    """
+
+    def __init__(self, distribution, sde: SDE):
+        self.distribution = distribution
+        self.sde = check_sde(sde)
+
+    def _score(self, x, sigma, scale):
+        one = lambda xi, si, ai: self.distribution.convolve(si, scale=ai).score(xi[None])[0]
+        return jax.vmap(one)(x, sigma, scale)
+
+    def __call__(self, x, sigma):
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype).reshape(-1), (x.shape[0],))
+        return self._score(x, sigma, self.sde.scale_for_sigma(sigma))
+
+    def time_score(self, x, t):
+        scale, sigma = self.sde.marginal(to_batch(t, x))
+        return self._score(x, sigma.astype(x.dtype), scale.astype(x.dtype))
+
+
+def exact_score_model(distribution, sde: SDE) -> ExactScoreModel:
     """A closed-form ``model_fn(x, sigma)`` ("score" parameterization) for an SDE.
 
     Returns the exact score of the noised marginal
@@ -486,6 +590,16 @@ def exact_score_model(distribution, sde: SDE):
     a sampler or a likelihood against the exact answer, or as the reference
     a trained network should approach.
 
+    Precision: from a float32 sigma the VP scale ``sqrt(1 - sigma^2)`` cannot
+    be recovered near ``t = T``: there ``sigma = 0.99998``, whose rounding
+    (``3e-8``) is a ``1e-3`` relative error of ``1 - sigma^2`` and of the
+    scale (``6.6e-3``), amplified ``1 / scale = 150`` times by Tweedie's
+    ``(x + sigma^2 s) / scale`` and by the probability-flow ODE. So the
+    returned model also carries ``time_score(x, t)``, the score of ``p_t``
+    with ``(scale(t), sigma(t)) = sde.marginal(t)`` taken from ``t``, and
+    :func:`time_score_fn` (hence every SDE sampler and the likelihood) uses
+    it when it is given this model and the same ``sde``.
+
     Example:
         >>> from dsm_jax.distributions import GaussianMixture
         >>> gmm = GaussianMixture(jnp.array([0.5, 0.5]), jnp.array([[2.0, 2.0], [-2.0, -2.0]]), jnp.full((2, 2), 0.25))
@@ -493,12 +607,4 @@ def exact_score_model(distribution, sde: SDE):
         >>> model_fn(jnp.zeros((3, 2)), jnp.full((3,), 0.5)).shape
         (3, 2)
     """
-    check_sde(sde)
-
-    def model_fn(x, sigma):
-        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype).reshape(-1), (x.shape[0],))
-        scale = sde.scale_for_sigma(sigma)
-        one = lambda xi, si, ai: distribution.convolve(si, scale=ai).score(xi[None])[0]
-        return jax.vmap(one)(x, sigma, scale)
-
-    return model_fn
+    return ExactScoreModel(distribution, sde)

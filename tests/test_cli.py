@@ -101,6 +101,19 @@ def test_sample_with_each_sde_sampler(run40, sampler):
     assert out["samples"].shape == (32, 2) and np.isfinite(out["samples"]).all() and int(out["nfe"]) > 0
 
 
+def test_sample_with_heun_on_a_sigma_grid(run40, capsys):
+    argv = ["sample", "--workdir", str(run40), "--sampler", "heun", "--steps", "5", "--num", "32"]
+    assert cli.main(argv) == 0
+    out = np.load(run40 / "samples_heun_n32_seed0.npz")
+    assert out["samples"].shape == (32, 2) and np.isfinite(out["samples"]).all()
+    assert int(out["nfe"]) == 2 * 5 - 1
+    assert "(9 model evaluations per sample)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv[:-4], "--steps", "0"])
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    assert "--steps: must be a positive integer, got '0'" in capsys.readouterr().err
+
+
 def test_evaluate_reproduces_the_training_metrics(run40):
     # Same seed, same sampler, same params: evaluate recomputes metrics.json bitwise.
     before = json.loads((run40 / "metrics.json").read_text())

@@ -51,7 +51,7 @@ def test_the_sampler_names_are_defined_once():
     for command in ("train", "sample"):
         action = next(a for a in _subparser(command)._actions if a.dest == "sampler")
         assert list(action.choices) == list(run_lib.SAMPLERS)
-    with pytest.raises(ValueError, match="sampler must be one of ald, em, pc, ode; got 'mcmc'"):
+    with pytest.raises(ValueError, match="sampler must be one of ald, em, pc, ode, euler, heun, dpmpp; got 'mcmc'"):
         Config(sampler="mcmc")
 
 

@@ -231,3 +231,34 @@ def test_sde_dsm_loss_bad_input(getkey):
         sde_dsm_loss(score, x, VESDE(), getkey(), t_min=0.0)
     with pytest.raises(ValueError, match="parameterization"):
         sde_dsm_loss(score, x, VESDE(), getkey(), parameterization="v")
+
+
+def test_exact_score_model_takes_the_vp_scale_from_t():
+    """Regression: at t = T the float32 sigma(T) = 0.99998 says the scale 6.6e-3 only to 1e-3
+    (its rounding, 3e-8, over 1 - sigma = 2e-5); the exact model now takes it from t.
+
+    Data N(m, c I) far from 0 make the scale error visible in the score
+    -(x - scale m) / (scale^2 c + sigma^2); the reference is float64.
+    """
+    mean, var = np.array([4.0, -2.0]), 0.25
+    sde = VPSDE(0.1, 20.0)
+    b = 0.1 + 0.5 * (20.0 - 0.1)  # B(T)
+    scale, sigma = np.exp(-b / 2), np.sqrt(-np.expm1(-b))
+    z = np.asarray(jax.random.normal(jax.random.key(0), (256, 2)), np.float64)
+    x = scale * mean + np.sqrt(scale**2 * var + sigma**2) * z
+    exact = -(x - scale * mean) / (scale**2 * var + sigma**2)
+    data = Gaussian(jnp.asarray(mean, jnp.float32), jnp.full(2, var, jnp.float32))
+    model = exact_score_model(data, sde)
+    # An equal SDE (another object) is recognised too; another SDE gets the sigma route.
+    for same in (sde, VPSDE(0.1, 20.0)):
+        got = np.asarray(time_score_fn(model, same)(jnp.asarray(x, jnp.float32), 1.0), np.float64)
+        # float32 rounding: a few ulps (1.2e-7) of the largest score; the sigma route was off by 8e-6.
+        assert np.max(np.abs(got - exact)) / np.max(np.abs(exact)) < 1e-6
+    assert time_score_fn(model, VPSDE(0.1, 19.0)) is not model.time_score
+    # model(x, sigma) itself is unchanged: the score at the scale that sigma implies.
+    sig = jnp.full((4,), 0.5)
+    np.testing.assert_allclose(
+        model(jnp.zeros((4, 2)), sig),
+        data.convolve(0.5, scale=float(np.sqrt(0.75))).score(jnp.zeros((4, 2))),
+        rtol=1e-6,
+    )

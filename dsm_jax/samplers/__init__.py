@@ -6,6 +6,8 @@ One file per family:
 * :mod:`~dsm_jax.samplers.reverse_sde`: the predictors, the Langevin corrector,
   :func:`euler_maruyama`, :func:`predictor_corrector`, :func:`ddpm`, :func:`ddim`;
 * :mod:`~dsm_jax.samplers.ode`: :func:`probability_flow_ode` (over :func:`dsm_jax.ode.solve`);
+* :mod:`~dsm_jax.samplers.sigma_grid`: :func:`euler`, :func:`heun`, :func:`dpm_solver_pp`
+  (the probability-flow ODE on a grid of noise levels, 10-35 evaluations);
 * :mod:`~dsm_jax.samplers.inverse`: :func:`inpaint`, :func:`inpaint_annealed_langevin`,
   :func:`denoise_observation`;
 * :mod:`~dsm_jax.samplers._result`: :class:`SampleResult` and the thinned scan.
@@ -32,13 +34,16 @@ evaluations and ``trajectory`` ``None`` unless asked. The SDE/ODE and
 inverse-problem samplers always do; :func:`langevin`,
 :func:`annealed_langevin` and :func:`inpaint_annealed_langevin` keep the NCSN
 contract (the samples ``[B, *D]``, or ``(samples, trajectory)`` with
-``return_trajectory=True``) and return a :class:`SampleResult` with
+``return_trajectory=True``), and so do :func:`euler`, :func:`heun` and
+:func:`dpm_solver_pp`; they return a :class:`SampleResult` with
 ``return_result=True``.
 
 References:
     Song & Ermon, NeurIPS 2019 (annealed Langevin dynamics, inpainting).
     Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole, ICLR 2021
     (reverse SDE, predictor-corrector, probability-flow ODE, imputation).
+    Karras, Aittala, Aila & Laine, NeurIPS 2022 (EDM: Euler and Heun on a sigma grid).
+    Lu et al. 2022 (DPM-Solver++).
     Ho, Jain & Abbeel, NeurIPS 2020 (DDPM). Song, Meng & Ermon, ICLR 2021 (DDIM).
 """
 
@@ -58,6 +63,7 @@ from dsm_jax.samplers.reverse_sde import (
     predictor_corrector,
     reverse_diffusion_predictor,
 )
+from dsm_jax.samplers.sigma_grid import dpm_solver_pp, euler, heun
 from dsm_jax.sde import TimeScoreFn
 
 __all__ = [
@@ -71,6 +77,9 @@ __all__ = [
     "euler_maruyama",
     "predictor_corrector",
     "probability_flow_ode",
+    "euler",
+    "heun",
+    "dpm_solver_pp",
     "ddpm",
     "ddim",
     "inpaint",
