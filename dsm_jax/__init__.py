@@ -100,6 +100,7 @@ _LAZY_MODULES = (
     "sde",
     "ode",
     "samplers",
+    "guidance",
     "likelihood",
     "models",
     "train",
