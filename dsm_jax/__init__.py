@@ -101,6 +101,7 @@ _LAZY_MODULES = (
     "ode",
     "samplers",
     "guidance",
+    "measurements",
     "likelihood",
     "models",
     "train",

@@ -7,7 +7,8 @@ One file per family:
   :func:`euler_maruyama`, :func:`predictor_corrector`, :func:`ddpm`, :func:`ddim`;
 * :mod:`~dsm_jax.samplers.ode`: :func:`probability_flow_ode` (over :func:`dsm_jax.ode.solve`);
 * :mod:`~dsm_jax.samplers.inverse`: :func:`inpaint`, :func:`inpaint_annealed_langevin`,
-  :func:`denoise_observation`;
+  :func:`denoise_observation`, and for the operators of :mod:`dsm_jax.measurements`
+  :func:`dps`, :func:`pigdm`, :func:`projection`;
 * :mod:`~dsm_jax.samplers._result`: :class:`SampleResult` and the thinned scan.
 
 Every fixed-step sampler is one ``step(carry, x)`` run by ``jax.lax.scan``
@@ -43,7 +44,7 @@ References:
 """
 
 from dsm_jax.samplers._result import SampleResult
-from dsm_jax.samplers.inverse import denoise_observation, inpaint, inpaint_annealed_langevin
+from dsm_jax.samplers.inverse import denoise_observation, dps, inpaint, inpaint_annealed_langevin, pigdm, projection
 from dsm_jax.samplers.langevin import PREDRAW_ELEMENTS, annealed_langevin, langevin
 from dsm_jax.samplers.ode import probability_flow_ode
 from dsm_jax.samplers.reverse_sde import (
@@ -76,6 +77,9 @@ __all__ = [
     "inpaint",
     "inpaint_annealed_langevin",
     "denoise_observation",
+    "dps",
+    "pigdm",
+    "projection",
     "DDPM_VARIANCES",
     "PREDRAW_ELEMENTS",
     "Predictor",
