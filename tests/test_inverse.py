@@ -257,6 +257,7 @@ _K = jax.random.key(0)
         (lambda: M.random_projection(_K, 0, (4,)), "num_measurements"),
         (lambda: M.Downsample(2).measure(jnp.zeros((1, 2, 2, 1)), _K, -1.0), "sigma_y must be >= 0"),
         (lambda: I.dps(MODEL, SDE, "mask", _Y, _K, num_steps=5, step_size=1.0), "operator must be"),
+        (lambda: I.dps(MODEL, "vp", OPERATORS["mask"], _Y, _K, num_steps=5, step_size=1.0), "sde must be"),
         (lambda: I.dps(MODEL, SDE, OPERATORS["mask"], _Y, _K, num_steps=5, step_size=0.0), "step_size"),
         (
             lambda: I.dps(MODEL, SDE, OPERATORS["mask"], _Y, _K, num_steps=5, step_size=1.0, convention="x"),

@@ -61,7 +61,7 @@ from dsm_jax.samplers.reverse_sde import (
     sde_sampler_input,
     tweedie_at,
 )
-from dsm_jax.sde import SDE, TimeScoreFn
+from dsm_jax.sde import SDE, TimeScoreFn, check_sde
 from dsm_jax.tweedie import posterior_covariance
 
 __all__ = [
@@ -311,6 +311,7 @@ def _operator_input(model_fn, sde, operator, y, key, num_steps, parameterization
     """
     if not isinstance(operator, LinearOperator):
         raise ValueError(f"operator must be a dsm_jax.measurements.LinearOperator, got {operator!r}.")
+    check_sde(sde)
     check_state("y", y)
     check_key(key)
     x_struct = jax.eval_shape(operator.AT, y)
