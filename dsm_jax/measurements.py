@@ -81,6 +81,11 @@ def _static(default: Any = dataclasses.MISSING) -> Any:
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
+def _user_array(value) -> bool:
+    """Values a user passed (validated), not the tracers or placeholders pytree machinery rebuilds with."""
+    return isinstance(value, (np.ndarray, jax.Array, list, tuple)) and is_concrete(value)
+
+
 def _check_images(name: str, x) -> None:
     if jnp.ndim(x) != 4:
         raise ValueError(f"{name} must be images [B, H, W, C], got shape {jnp.shape(x)}.")
@@ -135,7 +140,7 @@ class Mask(LinearOperator):
     has_pinv: ClassVar[bool] = True
 
     def __post_init__(self):
-        if is_concrete(self.mask) and not isinstance(self.mask, jax.ShapeDtypeStruct):
+        if _user_array(self.mask):
             m = np.asarray(self.mask)
             if m.ndim == 0 or not np.all((m == 0) | (m == 1)):
                 raise ValueError(f"mask must be an array of 0 (unknown) and 1 (known) entries, got {self.mask!r}.")
@@ -266,7 +271,7 @@ class MatrixOperator(LinearOperator):
     def __post_init__(self):
         if jnp.ndim(self.weights) != 2:
             raise ValueError(f"weights must be a matrix [M, D], got shape {jnp.shape(self.weights)}.")
-        if not isinstance(self.weights, jax.ShapeDtypeStruct):
+        if _user_array(self.weights):
             check_finite("weights", self.weights)
         if self.input_shape is not None and math.prod(self.input_shape) != jnp.shape(self.weights)[1]:
             raise ValueError(
