@@ -70,8 +70,9 @@ def compare(samples, a, y0, sigma_y, what, mean=MEAN, cov=C):
     pc[~keep, :], pc[:, ~keep] = 0.0, 0.0  # observed exactly: rounding-level values
     sm, sc = x.mean(0), np.cov(x.T)
     mean_z = np.max(np.abs(sm - pm)[keep] / np.sqrt(np.diag(pc)[keep] / N))
-    cov_se = np.sqrt((pc**2 + np.outer(np.diag(pc), np.diag(pc))) / N)
-    cov_z = np.max((np.abs(sc - pc) / cov_se)[np.ix_(keep, keep)])
+    sub = np.ix_(keep, keep)
+    cov_se = np.sqrt((pc[sub] ** 2 + np.outer(np.diag(pc)[keep], np.diag(pc)[keep])) / N)
+    cov_z = np.max(np.abs(sc - pc)[sub] / cov_se)
     out = dict(
         mean_z=float(mean_z),
         cov_z=float(cov_z),
