@@ -101,6 +101,8 @@ _LAZY_MODULES = (
     "sde",
     "ode",
     "samplers",
+    "guidance",
+    "measurements",
     "likelihood",
     "models",
     "train",

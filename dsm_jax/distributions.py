@@ -11,6 +11,9 @@ full ``[d, d]`` or diagonal ``[d]`` covariances, and expose
   denoiser, computed from the Gaussian conditionals (not through Tweedie, so
   the two can be checked against each other),
 * ``posterior_covariance(y, sigma, *, scale=1.0)``: ``Cov[x | y] -> [B, d, d]``.
+* the mixture per component (class-conditional ground truth): ``component(k)``
+  (a :class:`Gaussian`), ``component_scores``, ``conditional_score(x, labels)``
+  and the Bayes classifier ``log_responsibilities(x) = log p(k | x)``.
 
 The constructors check what the user passes, before any tracing: ranks always
 (also for tracers, whose shapes are static), finiteness, positive (definite)
@@ -172,6 +175,19 @@ def _check_points(x: jax.Array, d: int, name: str = "x") -> None:
     check_batched(name, x)
     if x.ndim != 2 or x.shape[-1] != d:
         raise ValueError(f"{name} must have shape [B, {d}], got {jnp.shape(x)}.")
+
+
+def _check_labels(labels, batch_size: int, num_components: int) -> jax.Array:
+    """Integer labels ``[B]`` or a scalar, in ``[0, K)`` when concrete; returned as ``[B]``."""
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}.")
+    if jnp.shape(labels) not in ((), (batch_size,)):
+        raise ValueError(f"labels must be a scalar or have shape [B]=({batch_size},), got shape {jnp.shape(labels)}.")
+    if is_concrete(labels):
+        arr = np.asarray(labels)
+        if np.any(arr < 0) or np.any(arr >= num_components):
+            raise ValueError(f"labels must lie in [0, {num_components}), got {arr.tolist()!r}.")
+    return jnp.broadcast_to(jnp.asarray(labels), (batch_size,))
 
 
 def _check_noise(sigma, scale) -> None:
@@ -336,6 +352,38 @@ class GaussianMixture:
         resp = self.responsibilities(x)
         comp = jax.vmap(lambda m, c: -_solve(c, x - m), out_axes=1)(self.means, self.covs)
         return jnp.einsum("bk,bkd->bd", resp, comp)
+
+    # -- per component (class-conditional ground truth) -------------------------
+    def component(self, k: int) -> Gaussian:
+        """Component ``k`` as a :class:`Gaussian`: the class-conditional law ``p(x | label = k)``.
+
+        Noised per component like the mixture: ``gmm.convolve(sigma).component(k)
+        == gmm.component(k).convolve(sigma)``.
+        """
+        k = check_positive_int("k", k, minimum=0)
+        if k >= self.num_components:
+            raise ValueError(f"k must be a component index in [0, {self.num_components}), got {k}.")
+        return Gaussian(self.means[k], self.covs[k])
+
+    def log_responsibilities(self, x: jax.Array) -> jax.Array:
+        """``log p(k | x) -> [B, K]``: the Bayes classifier of the components (stable log-softmax)."""
+        return jax.nn.log_softmax(self._shifted_logits(x)[1], axis=-1)
+
+    def component_scores(self, x: jax.Array) -> jax.Array:
+        """``grad_x log N(x; mu_k, Sigma_k) = -Sigma_k^{-1} (x - mu_k) -> [B, K, d]``."""
+        _check_points(x, self.dim)
+        return jax.vmap(lambda m, c: -_solve(c, x - m), out_axes=1)(self.means, self.covs)
+
+    def conditional_score(self, x: jax.Array, labels) -> jax.Array:
+        """The class-conditional score ``grad_x log p(x | k = labels_b) -> [B, d]``.
+
+        ``labels``: integers ``[B]`` or a scalar, each in ``[0, K)``. For the
+        noised law use ``gmm.convolve(sigma, scale=...).conditional_score(x, labels)``.
+        By Bayes, ``score(x) + grad_x log p(k | x) = conditional_score(x, k)``.
+        """
+        _check_points(x, self.dim)
+        labels = _check_labels(labels, x.shape[0], self.num_components)
+        return jnp.take_along_axis(self.component_scores(x), labels[:, None, None], axis=1)[:, 0]
 
     def sample(self, key: jax.Array, n: int) -> jax.Array:
         check_key(key)

@@ -9,7 +9,8 @@ One file per family:
 * :mod:`~dsm_jax.samplers.sigma_grid`: :func:`euler`, :func:`heun`, :func:`dpm_solver_pp`
   (the probability-flow ODE on a grid of noise levels, 10-35 evaluations);
 * :mod:`~dsm_jax.samplers.inverse`: :func:`inpaint`, :func:`inpaint_annealed_langevin`,
-  :func:`denoise_observation`;
+  :func:`denoise_observation`, and for the operators of :mod:`dsm_jax.measurements`
+  :func:`dps`, :func:`pigdm`, :func:`projection`;
 * :mod:`~dsm_jax.samplers._result`: :class:`SampleResult` and the thinned scan.
 
 Every fixed-step sampler is one ``step(carry, x)`` run by ``jax.lax.scan``
@@ -48,7 +49,7 @@ References:
 """
 
 from dsm_jax.samplers._result import SampleResult
-from dsm_jax.samplers.inverse import denoise_observation, inpaint, inpaint_annealed_langevin
+from dsm_jax.samplers.inverse import denoise_observation, dps, inpaint, inpaint_annealed_langevin, pigdm, projection
 from dsm_jax.samplers.langevin import PREDRAW_ELEMENTS, annealed_langevin, langevin
 from dsm_jax.samplers.ode import probability_flow_ode
 from dsm_jax.samplers.reverse_sde import (
@@ -85,6 +86,9 @@ __all__ = [
     "inpaint",
     "inpaint_annealed_langevin",
     "denoise_observation",
+    "dps",
+    "pigdm",
+    "projection",
     "DDPM_VARIANCES",
     "PREDRAW_ELEMENTS",
     "Predictor",
