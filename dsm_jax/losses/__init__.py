@@ -24,6 +24,7 @@ References:
     Song & Ermon, NeurIPS 2019 (multi-scale DSM, NCSN).
     Stein, "Estimation of the mean of a multivariate normal distribution",
     Annals of Statistics 1981 (SURE).
+    Karras, Aittala, Aila & Laine, NeurIPS 2022 (EDM loss, :func:`edm_loss`).
 """
 
 from dsm_jax.losses.denoising import (
@@ -36,12 +37,15 @@ from dsm_jax.losses.denoising import (
     sde_dsm_loss,
     sure_loss,
 )
+from dsm_jax.losses.edm import edm_loss, edm_weight
 from dsm_jax.losses.score_matching import explicit_score_matching_loss, sliced_score_matching_loss
 
 __all__ = [
     "SDE_WEIGHTINGS",
     "SIGMA_SAMPLING",
     "dsm_loss",
+    "edm_loss",
+    "edm_weight",
     "explicit_score_matching_loss",
     "is_key_batch",
     "multiscale_dsm_loss",

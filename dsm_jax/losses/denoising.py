@@ -23,7 +23,7 @@ from dsm_jax.divergence import (
     exact_divergence_and_value,
     hutchinson_divergence_and_value,
 )
-from dsm_jax.losses._common import _check_data, _sum_per_example
+from dsm_jax.losses._common import _check_data, _mean_per_level, _nearest_level, _sum_per_example
 from dsm_jax.noise import WEIGHTINGS, Weighting, get_weighting, sample_log_uniform_sigmas
 from dsm_jax.parameterization import check_parameterization, model_to_score
 
@@ -242,7 +242,6 @@ def multiscale_dsm_loss(
     check_parameterization(parameterization)
     lam = get_weighting(weighting)
     sigmas = jnp.asarray(sigmas, dtype=x.dtype)
-    num_levels = sigmas.shape[0]
     draws = _multiscale_draws(key, x.shape, x.dtype, sigmas, mode)
 
     if mode.per_level:
@@ -258,10 +257,8 @@ def multiscale_dsm_loss(
         if return_per_sigma:
             idx = draws.get("idx")
             if idx is None:  # a continuous level: diagnostics binned to the nearest grid level in log scale
-                idx = jnp.argmin(jnp.abs(jnp.log(sigma_b)[:, None] - jnp.log(sigmas)[None, :]), axis=1)
-            sums = jax.ops.segment_sum(per_example, idx, num_segments=num_levels)
-            counts = jax.ops.segment_sum(jnp.ones_like(per_example), idx, num_segments=num_levels)
-            per_level = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), jnp.nan)
+                idx = _nearest_level(sigma_b, sigmas)
+            per_level = _mean_per_level(per_example, idx, sigmas.shape[0])
     if return_per_sigma:
         return loss, per_level
     return loss
