@@ -212,7 +212,7 @@ def multiscale_dsm_loss(
             the loss does not depend on how a batch is split (what
             :func:`dsm_jax.train.make_train_step` needs for its per-example
             keys, without running the model example by example).
-        weighting: "sigma2" (default), "one", "inv_sigma2" or a callable.
+        weighting: "sigma2" (default), "one", "inv_sigma2", "min_snr" or a callable.
         parameterization: "score", "eps", "x0" or "energy".
         sigma_sampling: "all", "random", "log_uniform" or "stratified".
         scale: signal scale of the noising.
@@ -240,7 +240,7 @@ def multiscale_dsm_loss(
     runtime_check_positive("sigmas", sigmas)
     check_key(key, allow_batch=True)
     check_parameterization(parameterization)
-    lam = get_weighting(weighting)
+    lam = get_weighting(weighting, scale=scale)
     sigmas = jnp.asarray(sigmas, dtype=x.dtype)
     draws = _multiscale_draws(key, x.shape, x.dtype, sigmas, mode)
 
@@ -430,6 +430,7 @@ def sde_dsm_loss(
         key: PRNG key (times and noise).
         weighting: ``lambda`` as a function of sigma: "sigma2" (default; the
             NCSN/DDPM choice, every time's loss O(1)), "one", "inv_sigma2",
+            "min_snr" (with the SDE's ``scale(t)`` in the SNR),
             a callable ``lambda(sigma)``, or "likelihood": ``lambda = g(t)^2``,
             which makes the loss an upper bound on the negative
             log-likelihood up to constants (Song, Durkan, Murray & Ermon 2021).
@@ -460,5 +461,5 @@ def sde_dsm_loss(
     if weighting == "likelihood":
         lam = sde.diffusion(t) ** 2
     else:
-        lam = get_weighting(weighting)(sigma)
+        lam = get_weighting(weighting, scale=scale)(sigma)
     return jnp.mean(lam * per_example)
