@@ -1,11 +1,17 @@
 """EDM preconditioning and the EDM loss against EDM Table 1 and the exact Gaussian / GMM denoisers."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny import tiny_sets
 
+from dsm_jax import cli
+from dsm_jax import run as run_lib
+from dsm_jax.config import LOSSES, PRESETS, Config
 from dsm_jax.distributions import GaussianMixture
 from dsm_jax.losses import edm_loss, edm_weight
 from dsm_jax.models import NoiseConditionalMLP, edm_coefficients, edm_model_fn, edm_precondition, init_params
@@ -227,3 +233,61 @@ def test_per_sigma_diagnostics_bin_to_the_nearest_level():
 def test_loss_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         edm_loss(lambda y, s: y, jnp.zeros((4, 2)), jax.random.key(0), **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Training with EDM: the config, the presets and the command line
+# ---------------------------------------------------------------------------
+
+
+def test_a_tiny_edm_run_trains_samples_and_evaluates(tmp_path, capsys):
+    workdir = tmp_path / "edm"
+    args = ["train", "--workdir", str(workdir), "--num-steps", "40", "--dataset", "two_clusters", "--quiet"]
+    assert cli.main([*args, *tiny_sets(loss="edm", sigma_data=1.0)]) == 0
+    assert "parameterization='x0'" in capsys.readouterr().out  # said why the default 'score' was replaced
+    saved = json.loads((workdir / "config.json").read_text())["config"]
+    assert (saved["loss"], saved["parameterization"], saved["scale_by_sigma"]) == ("edm", "x0", False)
+    samples = np.load(workdir / "samples.npz")["samples"]
+    assert samples.shape == (256, 2) and np.all(np.isfinite(samples))
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    for key in ("mmd2", "relative_fisher_mean"):
+        assert np.all(np.isfinite(metrics[key])), key
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss" in r]
+    assert losses[-1]["step"] == 40 and all(np.isfinite(r["loss"]) for r in losses)
+    per_sigma = np.array([r["per_sigma_loss"] for r in losses], dtype=float)
+    assert per_sigma.shape[1] == 4 and np.isfinite(per_sigma).any(axis=0).all()  # every level seen at some step
+    assert (workdir / "losses.png").exists()
+
+
+def test_edm_refuses_a_parameterization_the_user_set(tmp_path, capsys):
+    args = ["train", "--workdir", str(tmp_path / "w"), "--num-steps", "2", "--dataset", "two_clusters", "--quiet"]
+    assert cli.main([*args, "--set", "loss=edm", "--set", "parameterization=eps"]) == 2
+    assert "loss='edm' trains a preconditioned denoiser" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("loss", "flow", "loss must be one of"),
+        ("sigma_data", 0.0, "sigma_data must be a positive number"),
+        ("p_std", -1.0, "p_std must be a positive number"),
+        ("p_mean", float("inf"), "p_mean must be a finite number"),
+        ("parameterization", "v", "variance-preserving"),
+    ],
+)
+def test_config_validates_the_edm_fields(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        Config(**{field: value})
+
+
+def test_the_edm_presets_pass_the_shape_and_loss_rules_unchanged():
+    assert LOSSES == ("dsm", "edm") and PRESETS["default"].loss == "dsm"
+    for name, shape in (("edm", (2,)), ("edm_digits", (8, 8, 1))):
+        preset = PRESETS[name]
+        cfg, _ = run_lib.fit_to_data(preset, shape, frozenset())
+        cfg, chosen = run_lib._fit_to_loss(cfg, frozenset())
+        assert cfg == preset and chosen == () and preset.loss == "edm" and preset.sampler == "ald"
+    # The digits models train at continuous levels, not only on the grid the samplers step between.
+    assert PRESETS["digits"].sigma_sampling == "log_uniform" == PRESETS["edm_digits"].sigma_sampling
