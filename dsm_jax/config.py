@@ -19,12 +19,15 @@ from typing import Any
 from dsm_jax.losses import SIGMA_SAMPLING
 from dsm_jax.noise import WEIGHTINGS
 from dsm_jax.parameterization import PARAMETERIZATIONS
+from dsm_jax.run import LOSSES as _LOSS_TABLE
 from dsm_jax.run import SAMPLERS as _SAMPLER_TABLE
-from dsm_jax.run import describe_samplers
+from dsm_jax.run import describe_losses, describe_samplers
 
 MODELS = ("mlp", "unet")
 SAMPLERS = tuple(_SAMPLER_TABLE)
 """The names of :data:`dsm_jax.run.SAMPLERS`, the one table of the command's samplers."""
+LOSSES = tuple(_LOSS_TABLE)
+"""The names of :data:`dsm_jax.run.LOSSES`, the one table of the command's training losses."""
 # The names of dsm_jax.models.embeddings.EMBEDDINGS, written out: that module loads flax.
 EMBEDDINGS = ("fourier", "sinusoidal")
 
@@ -87,10 +90,14 @@ class Config:
     )
     sigma_min: float = _field(0.01, "smallest noise level")
     num_sigmas: int = _field(10, "number of geometric noise levels from sigma_max down to sigma_min")
-    weighting: str = _field("sigma2", "loss weight lambda(sigma) per level: sigma2, one or inv_sigma2")
+    loss: str = _field("dsm", f"training loss: {describe_losses()}")
+    weighting: str = _field("sigma2", "loss weight lambda(sigma) per level: sigma2, one, inv_sigma2 or min_snr")
     sigma_sampling: str = _field(
         "stratified", "levels per example: all, random (one level, 1/L of the cost), log_uniform or stratified"
     )
+    sigma_data: float = _field(0.5, "loss=edm: the data's standard deviation (root mean square) in the preconditioning")
+    p_mean: float = _field(-1.2, "loss=edm: mean of log sigma during training")
+    p_std: float = _field(1.2, "loss=edm: standard deviation of log sigma during training")
     # optimisation
     batch_size: int = _field(256, "global batch size (divisible by the device count)")
     num_steps: int = _field(4000, "training steps (a larger value extends a finished run)")
@@ -141,17 +148,36 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-        for name in ("sigma_max", "sigma_min", "learning_rate", "step_lr", "snr", "grad_clip_norm", "fourier_scale"):
+        for name in (
+            "sigma_max",
+            "sigma_min",
+            "learning_rate",
+            "step_lr",
+            "snr",
+            "grad_clip_norm",
+            "fourier_scale",
+            "sigma_data",
+            "p_std",
+        ):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0 and value < float("inf")):
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
         if self.sigma_max is not None and self.sigma_max <= self.sigma_min:
             raise ValueError(f"sigma_max must exceed sigma_min={self.sigma_min}, got {self.sigma_max!r}.")
+        finite = isinstance(self.p_mean, (int, float)) and abs(self.p_mean) < float("inf")
+        if isinstance(self.p_mean, bool) or not finite:
+            raise ValueError(f"p_mean must be a finite number, got {self.p_mean!r}.")
+        if self.parameterization == "v":
+            raise ValueError(
+                "parameterization='v' is defined for variance-preserving noising only; the command's runs use "
+                "variance-exploding noising (x + sigma eps): choose score, eps, x0 or energy."
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}.")
         for name, choices in (
             ("model", MODELS),
             ("sampler", SAMPLERS),
+            ("loss", LOSSES),
             ("sigma_sampling", SIGMA_SAMPLING),
             ("parameterization", PARAMETERIZATIONS),
             ("weighting", WEIGHTINGS),
@@ -190,7 +216,9 @@ PRESETS = {
         scale_by_sigma=True,
         sigma_min=0.02,
         num_sigmas=20,
-        sigma_sampling="random",  # one grid level per image: 1/L of the cost of "stratified"
+        # One continuous level per image: the cost of "random" (1/L of "stratified"), and right between the
+        # grid levels, where the ODE and fast samplers query the model ("random" trains the grid levels only).
+        sigma_sampling="log_uniform",
         batch_size=128,
         num_steps=3000,
         learning_rate=5e-4,
@@ -202,8 +230,14 @@ PRESETS = {
         fisher_samples=1,
     ),
 }
+# sigma_data is the data's root mean square: 1.43 for the 8 Gaussians, 0.85 for the digits.
+PRESETS["edm"] = Config(loss="edm", parameterization="x0", sigma_data=1.4, num_steps=4000)
+PRESETS["edm_digits"] = dataclasses.replace(
+    PRESETS["digits"], loss="edm", parameterization="x0", scale_by_sigma=False, sigma_data=0.85
+)
 """Named configs: ``default`` (8 Gaussians, exact score known), ``two_clusters``
-(the DSM tutorial's mixture), ``swiss_roll``, ``digits`` (8x8 digits, U-Net)."""
+(the DSM tutorial's mixture), ``swiss_roll``, ``digits`` (8x8 digits, U-Net), ``edm`` and
+``edm_digits`` (the same data trained with EDM's preconditioned denoiser and loss, ``loss="edm"``)."""
 
 # Fields that do not change what training computes: a resumed run may differ in these.
 NON_TRAINING_FIELDS = frozenset(
@@ -400,6 +434,7 @@ def dumps(config: Config, resolved: dict) -> str:
 __all__ = [
     "Config",
     "EMBEDDINGS",
+    "LOSSES",
     "PRESETS",
     "MODELS",
     "SAMPLERS",

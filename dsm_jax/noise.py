@@ -5,6 +5,8 @@ References:
     distribution", NeurIPS 2019 (NCSN: geometric sigmas, lambda = sigma^2).
     Song & Ermon, "Improved techniques for training score-based generative
     models", NeurIPS 2020 (NCSNv2: techniques 1, 2 and 4 below).
+    Hang et al., "Efficient diffusion training via Min-SNR weighting
+    strategy", ICCV 2023 (the "min_snr" weighting).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dsm_jax._checks import (
 )
 from dsm_jax._utils import row_blocks, sq_distances
 
-WEIGHTINGS = ("sigma2", "one", "inv_sigma2")
+WEIGHTINGS = ("sigma2", "one", "inv_sigma2", "min_snr")
 
 Weighting = str | Callable[[jax.Array], jax.Array]
 
@@ -109,14 +111,58 @@ def sample_log_uniform_sigmas(
     return sigma_min * (sigma_max / sigma_min) ** u
 
 
-def get_weighting(weighting: Weighting) -> Callable[[jax.Array], jax.Array]:
+def min_snr_weighting(sigma, scale=1.0, *, gamma: float = 5.0) -> jax.Array:
+    """Min-SNR-gamma (Hang et al. 2023) as the weight ``lambda(sigma)`` of the library's score-space DSM loss.
+
+    With ``x~ = scale x0 + sigma eps`` and ``SNR = scale^2 / sigma^2``, the paper
+    weights the x0-loss ``|x0_hat - x0|^2`` by ``min(SNR, gamma)``, which is the
+    same objective as the eps-loss ``|eps_hat - eps|^2`` weighted by
+    ``min(SNR, gamma) / SNR`` and (VP noising) the v-loss ``|v_hat - v|^2``
+    weighted by ``min(SNR, gamma) / (SNR + 1)``. Every DSM loss of this library
+    is ``lambda(sigma) * 1/2 |s + eps / sigma|^2`` whatever the model outputs,
+    and the three errors are multiples of the score error (``x0_hat`` and
+    ``eps_hat`` are tied by ``x~ = scale x0_hat + sigma eps_hat``, ``s = -eps_hat / sigma``):
+
+    * eps: ``s + eps / sigma = (eps - eps_hat) / sigma``, so
+      ``|eps_hat - eps|^2 = sigma^2 |s + eps/sigma|^2``;
+    * x0: ``s + eps / sigma = scale (x0_hat - x0) / sigma^2``, so
+      ``|x0_hat - x0|^2 = (sigma^2 / SNR) |s + eps/sigma|^2``;
+    * v (``scale^2 + sigma^2 = 1``): ``v_hat - v = (eps_hat - eps) / scale``, so
+      ``|v_hat - v|^2 = sigma^2 (SNR + 1) / SNR |s + eps/sigma|^2``.
+
+    Each paper weight times its factor gives one and the same
+    ``lambda(sigma) = sigma^2 min(SNR, gamma) / SNR = sigma^2 min(1, gamma / SNR)``
+    (up to the constant 2 of the 1/2): the weighting is a property of the noise
+    level, not of the parameterization, and it equals "sigma2" (the unit-weight
+    eps-loss) wherever ``SNR <= gamma`` and falls as ``gamma sigma^4 / scale^2``
+    at high SNR. It is computed as ``sigma^2 * (g / max(scale^2, g))`` with
+    ``g = gamma sigma^2``: no division by zero at either zero-SNR end (``scale = 0``
+    gives ``sigma^2``, ``sigma -> 0`` gives 0) and no overflow of an intermediate.
+
+    Args:
+        sigma: noise levels (any shape).
+        scale: the signal scale, broadcasting against ``sigma`` (1 for VE noising).
+        gamma: the SNR cap (5 in the paper).
+    """
+    check_positive_number("gamma", gamma)
+    s2 = jnp.asarray(sigma) ** 2
+    g = gamma * s2
+    return s2 * (g / jnp.maximum(jnp.asarray(scale) ** 2, g))
+
+
+def get_weighting(weighting: Weighting, *, scale=1.0, gamma: float = 5.0) -> Callable[[jax.Array], jax.Array]:
     """The weighting ``lambda(sigma)`` of the multi-scale loss.
 
     * "sigma2": ``lambda = sigma^2`` (Song & Ermon 2019): every level's loss
       ``sigma^2 * 1/2 |s + eps/sigma|^2 = 1/2 |sigma s + eps|^2`` is O(1).
     * "one": ``lambda = 1`` (small sigmas dominate).
     * "inv_sigma2": ``lambda = 1 / sigma^2`` (even more so).
+    * "min_snr": ``lambda = sigma^2 min(1, gamma / SNR)``, ``SNR = scale^2 / sigma^2``
+      (Hang et al. 2023; :func:`min_snr_weighting` derives it for every parameterization).
     * a callable ``sigma -> lambda(sigma)``, elementwise.
+
+    ``scale`` (the noising's signal scale, scalar or broadcasting against sigma) and
+    ``gamma`` are used by "min_snr" only.
     """
     if callable(weighting):
         return weighting
@@ -125,6 +171,9 @@ def get_weighting(weighting: Weighting) -> Callable[[jax.Array], jax.Array]:
         return lambda sigma: sigma**2
     if weighting == "one":
         return jnp.ones_like
+    if weighting == "min_snr":
+        check_positive_number("gamma", gamma)
+        return lambda sigma: min_snr_weighting(sigma, scale, gamma=gamma)
     return lambda sigma: 1.0 / sigma**2
 
 

@@ -150,9 +150,106 @@ class Run:
         }
 
     def model_fn(self, params):
-        from dsm_jax.models import make_model_fn
+        """The trained model ``model_fn(x, sigma)``, whose outputs mean ``config.parameterization``."""
+        return LOSSES[self.config.loss].model_fn(self, params)
 
-        return make_model_fn(self.model, params, scale_by_sigma=self.config.scale_by_sigma)
+
+# ---------------------------------------------------------------------------
+# The training losses of the command line
+# ---------------------------------------------------------------------------
+
+
+def _dsm_model_fn(run: Run, params):
+    from dsm_jax.models import make_model_fn
+
+    return make_model_fn(run.model, params, scale_by_sigma=run.config.scale_by_sigma)
+
+
+def _dsm_loss_fn(run: Run):
+    from dsm_jax.models import make_dsm_loss_fn
+
+    cfg = run.config
+    return make_dsm_loss_fn(
+        run.model,
+        jnp.asarray(run.sigmas),
+        weighting=cfg.weighting,
+        parameterization=cfg.parameterization,
+        sigma_sampling=cfg.sigma_sampling,
+        scale_by_sigma=cfg.scale_by_sigma,
+    )
+
+
+def _edm_model_fn(run: Run, params):
+    from dsm_jax.models import edm_model_fn
+
+    return edm_model_fn(run.model, params, sigma_data=run.config.sigma_data)
+
+
+def _edm_loss_fn(run: Run):
+    from dsm_jax.models import make_edm_loss_fn
+
+    cfg = run.config
+    return make_edm_loss_fn(
+        run.model, jnp.asarray(run.sigmas), sigma_data=cfg.sigma_data, p_mean=cfg.p_mean, p_std=cfg.p_std
+    )
+
+
+class TrainingLoss(NamedTuple):
+    """An entry of :data:`LOSSES`.
+
+    Attributes:
+        meaning: what the name stands for (``--list-keys``).
+        make: ``make(run) -> loss_fn(params, x, keys) -> (loss, {"per_sigma_loss": [L]})``, the
+            training loss of :func:`dsm_jax.train.train`, reporting the unweighted DSM loss per grid level.
+        model_fn: ``model_fn(run, params) -> model_fn(x, sigma)``: the trained network as a model.
+        parameterization: what that model outputs whatever the config says (None: ``config.parameterization``).
+    """
+
+    meaning: str
+    make: Callable
+    model_fn: Callable
+    parameterization: str | None = None
+
+
+LOSSES = {
+    "dsm": TrainingLoss("multi-scale denoising score matching on the sigma grid", _dsm_loss_fn, _dsm_model_fn),
+    "edm": TrainingLoss(
+        "EDM: a preconditioned denoiser, log-normal sigma (sigma_data, p_mean, p_std)",
+        _edm_loss_fn,
+        _edm_model_fn,
+        parameterization="x0",
+    ),
+}
+"""The training losses of ``Config.loss``, by name: the one table of their names."""
+
+
+def describe_losses() -> str:
+    """``"dsm (multi-scale ...), edm (...)"``: the names of :data:`LOSSES` and their meaning."""
+    return ", ".join(f"{name} ({loss.meaning})" for name, loss in LOSSES.items())
+
+
+def _fit_to_loss(cfg: Config, user_set) -> tuple:
+    """``(config, chosen)``: the parameterization a loss fixes (EDM's denoiser is "x0"), NCSNv2's scaling off.
+
+    A conflicting value the user gave (``user_set``) is an error; one from a
+    preset or the defaults is replaced, and ``chosen`` says so.
+    """
+    fixed = LOSSES[cfg.loss].parameterization
+    if fixed is None:
+        return cfg, ()
+    user_set = user_set or frozenset()
+    chosen = []
+    for name, value in (("parameterization", fixed), ("scale_by_sigma", False)):
+        if getattr(cfg, name) == value:
+            continue
+        if name in user_set:
+            raise UserError(
+                f"loss={cfg.loss!r} trains a preconditioned denoiser (parameterization={fixed!r}, no scale_by_sigma); "
+                f"{name}={getattr(cfg, name)!r} cannot be used with it."
+            )
+        chosen.append(f"{name}={value!r}: loss={cfg.loss!r} trains a preconditioned denoiser")
+        cfg = dataclasses.replace(cfg, **{name: value})
+    return cfg, tuple(chosen)
 
 
 def fit_to_data(cfg: Config, shape: Sequence[int], user_set=frozenset()) -> tuple:
@@ -181,7 +278,7 @@ def fit_to_data(cfg: Config, shape: Sequence[int], user_set=frozenset()) -> tupl
                 f"model 'mlp' chosen for examples of shape {shape}; give images as [N, H, W, C] for the U-Net"
             )
     sigma_sampling = cfg.sigma_sampling
-    if model == "unet" and sigma_sampling in ("all", "stratified"):
+    if model == "unet" and cfg.loss == "dsm" and sigma_sampling in ("all", "stratified"):
         cost = (
             f"sigma_sampling={sigma_sampling!r} evaluates the U-Net at all {cfg.num_sigmas} levels for every "
             f"image, {cfg.num_sigmas}x the cost of a step with 'random'"
@@ -226,6 +323,8 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
     chosen = ()
     if user_set is not None:
         cfg, chosen = fit_to_data(cfg, dataset.shape, user_set)
+    cfg, chosen_for_loss = _fit_to_loss(cfg, user_set)
+    chosen = chosen + chosen_for_loss
     if dataset.train.shape[0] < cfg.batch_size:
         raise UserError(
             f"batch_size={cfg.batch_size} exceeds the {dataset.train.shape[0]} training examples of "
@@ -961,7 +1060,7 @@ def train_and_sample(
     from dsm_jax import config as config_lib
     from dsm_jax.data import BatchSource
     from dsm_jax.models import init_params
-    from dsm_jax.train import ConfigMismatchError, make_dsm_loss_fn, make_optimizer, train
+    from dsm_jax.train import ConfigMismatchError, make_optimizer, train
 
     workdir = Path(workdir)
     with ExitStack() as stack:
@@ -976,14 +1075,7 @@ def train_and_sample(
         _check_trainable(run, sample=sample)
         params = init_params(run.model, jax.random.key(cfg.seed), jnp.asarray(run.dataset.train[:1]))
         n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-        loss_fn = make_dsm_loss_fn(
-            run.model,
-            jnp.asarray(run.sigmas),
-            weighting=cfg.weighting,
-            parameterization=cfg.parameterization,
-            sigma_sampling=cfg.sigma_sampling,
-            scale_by_sigma=cfg.scale_by_sigma,
-        )
+        loss_fn = LOSSES[cfg.loss].make(run)
         optimizer = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, grad_clip_norm=cfg.grad_clip_norm)
         batches = BatchSource(run.dataset.train, cfg.batch_size, seed=cfg.seed)
         on_phase(PREPARING)

@@ -24,6 +24,7 @@ References:
     Song & Ermon, NeurIPS 2019 (multi-scale DSM, NCSN).
     Stein, "Estimation of the mean of a multivariate normal distribution",
     Annals of Statistics 1981 (SURE).
+    Karras, Aittala, Aila & Laine, NeurIPS 2022 (EDM loss, :func:`edm_loss`).
 """
 
 from dsm_jax.losses.denoising import (
@@ -36,6 +37,7 @@ from dsm_jax.losses.denoising import (
     sde_dsm_loss,
     sure_loss,
 )
+from dsm_jax.losses.edm import edm_loss, edm_weight
 from dsm_jax.losses.flow_matching import flow_matching_loss
 from dsm_jax.losses.generalized import (
     SECOND_ORDER_TARGETS,
@@ -55,6 +57,8 @@ __all__ = [
     "SDE_WEIGHTINGS",
     "SIGMA_SAMPLING",
     "dsm_loss",
+    "edm_loss",
+    "edm_weight",
     "explicit_score_matching_loss",
     "flow_matching_loss",
     "is_key_batch",

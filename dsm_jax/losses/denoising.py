@@ -23,7 +23,7 @@ from dsm_jax.divergence import (
     exact_divergence_and_value,
     hutchinson_divergence_and_value,
 )
-from dsm_jax.losses._common import _check_data, _sum_per_example
+from dsm_jax.losses._common import _check_data, _mean_per_level, _nearest_level, _sum_per_example
 from dsm_jax.noise import WEIGHTINGS, Weighting, get_weighting, sample_log_uniform_sigmas
 from dsm_jax.parameterization import check_parameterization, model_to_score
 
@@ -212,7 +212,7 @@ def multiscale_dsm_loss(
             the loss does not depend on how a batch is split (what
             :func:`dsm_jax.train.make_train_step` needs for its per-example
             keys, without running the model example by example).
-        weighting: "sigma2" (default), "one", "inv_sigma2" or a callable.
+        weighting: "sigma2" (default), "one", "inv_sigma2", "min_snr" or a callable.
         parameterization: "score", "eps", "x0" or "energy".
         sigma_sampling: "all", "random", "log_uniform" or "stratified".
         scale: signal scale of the noising.
@@ -240,9 +240,8 @@ def multiscale_dsm_loss(
     runtime_check_positive("sigmas", sigmas)
     check_key(key, allow_batch=True)
     check_parameterization(parameterization)
-    lam = get_weighting(weighting)
+    lam = get_weighting(weighting, scale=scale)
     sigmas = jnp.asarray(sigmas, dtype=x.dtype)
-    num_levels = sigmas.shape[0]
     draws = _multiscale_draws(key, x.shape, x.dtype, sigmas, mode)
 
     if mode.per_level:
@@ -258,10 +257,8 @@ def multiscale_dsm_loss(
         if return_per_sigma:
             idx = draws.get("idx")
             if idx is None:  # a continuous level: diagnostics binned to the nearest grid level in log scale
-                idx = jnp.argmin(jnp.abs(jnp.log(sigma_b)[:, None] - jnp.log(sigmas)[None, :]), axis=1)
-            sums = jax.ops.segment_sum(per_example, idx, num_segments=num_levels)
-            counts = jax.ops.segment_sum(jnp.ones_like(per_example), idx, num_segments=num_levels)
-            per_level = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), jnp.nan)
+                idx = _nearest_level(sigma_b, sigmas)
+            per_level = _mean_per_level(per_example, idx, sigmas.shape[0])
     if return_per_sigma:
         return loss, per_level
     return loss
@@ -433,6 +430,7 @@ def sde_dsm_loss(
         key: PRNG key (times and noise).
         weighting: ``lambda`` as a function of sigma: "sigma2" (default; the
             NCSN/DDPM choice, every time's loss O(1)), "one", "inv_sigma2",
+            "min_snr" (with the SDE's ``scale(t)`` in the SNR),
             a callable ``lambda(sigma)``, or "likelihood": ``lambda = g(t)^2``,
             which makes the loss an upper bound on the negative
             log-likelihood up to constants (Song, Durkan, Murray & Ermon 2021).
@@ -463,5 +461,5 @@ def sde_dsm_loss(
     if weighting == "likelihood":
         lam = sde.diffusion(t) ** 2
     else:
-        lam = get_weighting(weighting)(sigma)
+        lam = get_weighting(weighting, scale=scale)(sigma)
     return jnp.mean(lam * per_example)

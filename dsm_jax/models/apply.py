@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from dsm_jax._checks import check_choice, check_sigma_schedule
-from dsm_jax.losses import SIGMA_SAMPLING, multiscale_dsm_loss
+from dsm_jax.losses import SIGMA_SAMPLING, edm_loss, multiscale_dsm_loss
+from dsm_jax.models.precondition import edm_model_fn
 from dsm_jax.noise import Weighting, get_weighting
 from dsm_jax.parameterization import as_score_fn, broadcast_sigma, check_parameterization, expand_to
 
@@ -146,6 +147,53 @@ def make_dsm_loss_fn(
             weighting=weighting,
             parameterization=parameterization,
             sigma_sampling=sigma_sampling,
+            return_per_sigma=True,
+        )
+        return loss, {"per_sigma_loss": per_sigma}
+
+    loss_fn.accepts_key_batch = True  # pyright: ignore[reportFunctionMemberAccess]  (read by make_train_step)
+    return loss_fn
+
+
+def make_edm_loss_fn(
+    model: nn.Module,
+    sigmas,
+    *,
+    sigma_data: float = 0.5,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+):
+    """EDM training of a Flax module as ``loss_fn(params, x, keys) -> (loss, {"per_sigma_loss": [L]})``.
+
+    :func:`dsm_jax.losses.edm_loss` on the preconditioned denoiser
+    :func:`dsm_jax.models.edm_model_fn` (``parameterization="x0"``): log-normal
+    sigma, weight ``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2``. Like
+    :func:`make_dsm_loss_fn` it takes one key per example
+    (``loss_fn.accepts_key_batch = True``) and reports the unweighted per-level
+    DSM loss on the grid ``sigmas`` (each example binned to its nearest level
+    in log scale), for the training diagnostics and plots.
+
+    Args:
+        model: a Flax module called as ``model(x, sigma)``.
+        sigmas: the levels ``[L]`` of the diagnostics (the run's sampling grid).
+        sigma_data, p_mean, p_std: as in :func:`dsm_jax.losses.edm_loss`.
+
+    Returns:
+        ``loss_fn(params, x, keys)``.
+    """
+    check_sigma_schedule(sigmas, decreasing=False)
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+
+    def loss_fn(params, x, key):
+        denoiser = edm_model_fn(model, params, sigma_data=sigma_data)
+        loss, per_sigma = edm_loss(
+            denoiser,
+            x,
+            key,
+            sigma_data=sigma_data,
+            p_mean=p_mean,
+            p_std=p_std,
+            sigmas=sigmas,
             return_per_sigma=True,
         )
         return loss, {"per_sigma_loss": per_sigma}
