@@ -258,7 +258,8 @@ def fit_to_data(cfg: Config, shape: Sequence[int], user_set=frozenset()) -> tupl
     Fields in ``user_set`` (given on the command line or in a config file)
     are kept. Otherwise images ``[H, W, C]`` get the U-Net and vectors the
     MLP (which flattens any shape), and a chosen U-Net trains one noise level
-    per image (``sigma_sampling="random"``, as the digits preset: "all" and
+    per image (``sigma_sampling="random"``; the digits preset draws one
+    "log_uniform" level per image, right between the grid levels too: "all" and
     "stratified" evaluate the network at every level for every example, so a
     step costs ``num_sigmas`` times as much) one step per compiled call
     (``steps_per_call=1``: XLA's CPU convolutions run far slower inside a
@@ -288,7 +289,7 @@ def fit_to_data(cfg: Config, shape: Sequence[int], user_set=frozenset()) -> tupl
         else:
             sigma_sampling = "random"
             chosen.append(
-                f"sigma_sampling='random' (one level per image, as the digits preset): {cost} "
+                f"sigma_sampling='random' (one grid level per image; the digits preset draws log_uniform ones): {cost} "
                 f"(--set sigma_sampling={cfg.sigma_sampling} to keep it)"
             )
     steps_per_call = cfg.steps_per_call

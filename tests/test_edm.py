@@ -242,7 +242,7 @@ def test_loss_rejects_bad_arguments(kwargs, match):
 
 def test_a_tiny_edm_run_trains_samples_and_evaluates(tmp_path, capsys):
     workdir = tmp_path / "edm"
-    args = ["train", "--workdir", str(workdir), "--num-steps", "40", "--dataset", "two_clusters", "--quiet"]
+    args = ["train", "--workdir", str(workdir), "--num-steps", "20", "--dataset", "two_clusters", "--quiet"]
     assert cli.main([*args, *tiny_sets(loss="edm", sigma_data=1.0)]) == 0
     assert "parameterization='x0'" in capsys.readouterr().out  # said why the default 'score' was replaced
     saved = json.loads((workdir / "config.json").read_text())["config"]
@@ -254,7 +254,7 @@ def test_a_tiny_edm_run_trains_samples_and_evaluates(tmp_path, capsys):
         assert np.all(np.isfinite(metrics[key])), key
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in records if "loss" in r]
-    assert losses[-1]["step"] == 40 and all(np.isfinite(r["loss"]) for r in losses)
+    assert losses[-1]["step"] == 20 and all(np.isfinite(r["loss"]) for r in losses)
     per_sigma = np.array([r["per_sigma_loss"] for r in losses], dtype=float)
     assert per_sigma.shape[1] == 4 and np.isfinite(per_sigma).any(axis=0).all()  # every level seen at some step
     assert (workdir / "losses.png").exists()

@@ -91,7 +91,7 @@ def edm_precondition(apply_fn: Callable[[jax.Array, jax.Array], jax.Array], sigm
 
     Example:
         >>> denoiser = edm_precondition(lambda x, c_noise: jnp.zeros_like(x))
-        >>> denoiser(jnp.ones((1, 2)), 0.5)      # F = 0: D = c_skip x = x / 2 at sigma = sigma_data
+        >>> denoiser(jnp.ones((1, 2)), 0.5).round(4)  # F = 0: D = c_skip x = x / 2 at sigma = sigma_data
         Array([[0.5, 0.5]], dtype=float32)
     """
     check_positive_number("sigma_data", sigma_data)
