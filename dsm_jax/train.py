@@ -81,6 +81,7 @@ __all__ = [
     "TrainingInterrupted",
     "TrainingTerminated",
     "create_train_state",
+    "learning_rate_schedule",
     "make_multi_step",
     "make_optimizer",
     "make_train_step",
@@ -175,6 +176,38 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=optimizer.init(params))
 
 
+def learning_rate_schedule(
+    learning_rate: float = 2e-4,
+    *,
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    final_lr_fraction: float = 0.0,
+) -> optax.ScalarOrSchedule:
+    """The learning rate of :func:`make_optimizer`: a constant, or ``schedule(step) -> rate``.
+
+    Linear warmup from 0 over ``warmup_steps``; with ``total_steps`` a cosine
+    from ``learning_rate`` down to ``final_lr_fraction * learning_rate``.
+    Pass it to :func:`train` as ``learning_rate_fn`` to log the rate.
+    """
+    check_positive_number("learning_rate", learning_rate)
+    warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
+    if not 0.0 <= final_lr_fraction <= 1.0:
+        raise ValueError(f"final_lr_fraction must be in [0, 1], got {final_lr_fraction!r}.")
+    if total_steps is not None:
+        total_steps = check_positive_int("total_steps", total_steps)
+        if total_steps <= warmup_steps:
+            raise ValueError(f"total_steps must exceed warmup_steps={warmup_steps}, got {total_steps}.")
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, total_steps, end_value=final_lr_fraction * learning_rate
+        )
+    if warmup_steps > 0:
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
+            [warmup_steps],
+        )
+    return learning_rate
+
+
 def make_optimizer(
     learning_rate: float = 2e-4,
     *,
@@ -199,25 +232,10 @@ def make_optimizer(
     Returns:
         An ``optax.GradientTransformation``.
     """
-    check_positive_number("learning_rate", learning_rate)
     check_choice("optimizer", optimizer, OPTIMIZERS)
-    warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
-    if not 0.0 <= final_lr_fraction <= 1.0:
-        raise ValueError(f"final_lr_fraction must be in [0, 1], got {final_lr_fraction!r}.")
-    if total_steps is not None:
-        total_steps = check_positive_int("total_steps", total_steps)
-        if total_steps <= warmup_steps:
-            raise ValueError(f"total_steps must exceed warmup_steps={warmup_steps}, got {total_steps}.")
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, warmup_steps, total_steps, end_value=final_lr_fraction * learning_rate
-        )
-    elif warmup_steps > 0:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
-            [warmup_steps],
-        )
-    else:
-        schedule = learning_rate
+    schedule = learning_rate_schedule(
+        learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, final_lr_fraction=final_lr_fraction
+    )
     if optimizer == "adam":
         if weight_decay:
             raise ValueError(f"weight_decay needs optimizer='adamw', got weight_decay={weight_decay!r} with 'adam'.")
@@ -738,6 +756,59 @@ def _restore_or_init(ckpt: Checkpointer | None, initial: TrainState, target: Any
     return host_state, step, True
 
 
+class _TensorBoard:
+    """TensorBoard event files in the work directory, beside ``metrics.jsonl`` (tensorboardX).
+
+    Every step record of ``metrics.jsonl`` becomes scalars at its step:
+    ``loss``, ``grad_norm``, ``steps_per_sec``, each level of a list entry
+    as ``per_sigma_loss/<i>`` (level ``i`` of the noise grid) and, given a
+    ``learning_rate_fn``, ``learning_rate``. A resumed run opens a new event
+    file with ``purge_step`` at the resumed step, so TensorBoard drops the
+    earlier file's records of the steps that are replayed.
+    """
+
+    def __init__(self, logdir: str, *, resume_step: int, learning_rate_fn: optax.ScalarOrSchedule | None):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(logdir=logdir, purge_step=resume_step or None)
+        self.learning_rate_fn = learning_rate_fn
+
+    @staticmethod
+    def open(logdir: str | None, *, enabled: bool, resume_step: int, learning_rate_fn: optax.ScalarOrSchedule | None):
+        """A writer, or None when not ``enabled`` or when tensorboardX is missing (said once, as a warning)."""
+        if not enabled or logdir is None:
+            return None
+        try:
+            return _TensorBoard(logdir, resume_step=resume_step, learning_rate_fn=learning_rate_fn)
+        except ImportError:
+            warnings.warn(
+                "tensorboard=True but tensorboardX is not installed (pip install 'dsm_jax[tensorboard]'); "
+                "training without TensorBoard event files (metrics.jsonl has the same numbers).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        for name, value in record.items():
+            if name in ("step", "elapsed_sec"):
+                continue
+            if isinstance(value, list):
+                for i, v in enumerate(value):
+                    if v is not None:
+                        self.writer.add_scalar(f"{name}/{i}", v, step)
+            elif value is not None:
+                self.writer.add_scalar(name, value, step)
+        if self.learning_rate_fn is not None:
+            lr = self.learning_rate_fn
+            self.writer.add_scalar("learning_rate", np.asarray(lr(step) if callable(lr) else lr).item(), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class _MetricsLog:
     """The run's records: ``metrics.jsonl`` (with a work directory), the tqdm bar and the progress lines.
 
@@ -750,6 +821,7 @@ class _MetricsLog:
         self.path = path if is_main else None
         self.is_main = is_main
         self.bar = tqdm(disable=True)  # replaced by the run's bar in start_progress
+        self.tensorboard: _TensorBoard | None = None
 
     def start_progress(self, step: int, num_steps: int, *, log_every: int, quiet: bool) -> None:
         """Starts the clock and the bar at ``step`` (after the restore)."""
@@ -782,6 +854,8 @@ class _MetricsLog:
         rate = (step - self.last_log[0]) / max(now - self.last_log[1], 1e-9)
         record = {"step": step, **_summarise(self.history), "steps_per_sec": rate, "elapsed_sec": now - self.start_time}
         self.event(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
         self.bar.set_postfix(
             loss=f"{record['loss']:.4g}" if record["loss"] is not None else "nan", steps_per_sec=f"{rate:.1f}"
         )
@@ -792,6 +866,8 @@ class _MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def train(
@@ -816,6 +892,8 @@ def train(
     unroll: int | bool = 1,
     loss_takes_key_batch: bool | None = None,
     parallel: str = "pmap",
+    tensorboard: bool = False,
+    learning_rate_fn: optax.ScalarOrSchedule | None = None,
 ) -> TrainState:
     """Trains ``params`` on ``loss_fn`` with data parallelism, EMA, checkpoints and exact resume.
 
@@ -899,6 +977,14 @@ def train(
             a run may resume under the other backend or on other devices.
             pmap is in maintenance mode since JAX 0.8; "sharding" is the one
             that extends to sharded parameters and multi-host meshes.
+        tensorboard: also write TensorBoard event files into ``workdir``
+            (needs a ``workdir`` and the optional ``tensorboardX``, the extra
+            ``dsm_jax[tensorboard]``; without it a warning says so once and
+            training goes on): the scalars of every ``metrics.jsonl`` step
+            record, see ``_TensorBoard``.
+        learning_rate_fn: the optimizer's learning rate (a number or
+            ``schedule(step)``, e.g. :func:`learning_rate_schedule`), logged
+            to TensorBoard as ``learning_rate``.
 
     Returns:
         The final :class:`TrainState` (numpy arrays on the host).
@@ -926,6 +1012,10 @@ def train(
         except (TypeError, ValueError) as err:
             raise ValueError(f"config must be JSON-serialisable, got {config!r} ({err}).") from None
     check_choice("parallel", parallel, PARALLEL)
+    if not isinstance(tensorboard, bool):
+        raise ValueError(f"tensorboard must be True or False, got {tensorboard!r}.")
+    if tensorboard and workdir is None:
+        raise ValueError("tensorboard=True needs a workdir to write the event files to, got workdir=None.")
     batches = _Batches(data)
     default_devices = jax.local_devices() if parallel == "pmap" else jax.devices()
     devices = list(devices) if devices is not None else default_devices
@@ -958,6 +1048,10 @@ def train(
         state, step, resumed = _restore_or_init(ckpt, initial, backend.restore_target(initial), batches, config)
         log = _MetricsLog(None if workdir is None else os.path.join(workdir, "metrics.jsonl"), is_main=is_main)
         log.repair(resume_step=step)
+        log.tensorboard = _TensorBoard.open(
+            workdir if is_main else None, enabled=tensorboard, resume_step=step, learning_rate_fn=learning_rate_fn
+        )
+        stack.callback(log.close)
         log.event(
             {"event": "resume" if resumed else "start", "step": step, "num_devices": len(devices), "parallel": parallel}
         )
@@ -968,7 +1062,6 @@ def train(
         # Without a work directory there is nothing to save: a signal keeps its usual effect.
         flag = stack.enter_context(_SignalFlag(handle_signals and ckpt is not None))
         log.start_progress(step, num_steps, log_every=log_every, quiet=quiet)
-        stack.callback(log.close)
         while step < num_steps:
             n = _chunk_length(step, steps_per_call, save_every, num_steps)
             stacked = backend.put_batches([batches.get(s) for s in range(step, step + n)], step)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from dsm_jax.train import (
     TrainingInterrupted,
     TrainingTerminated,
     create_train_state,
+    learning_rate_schedule,
     make_dsm_loss_fn,
     make_multi_step,
     make_optimizer,
@@ -564,6 +566,54 @@ def test_progress_lines_on_stdout_without_a_terminal(tmp_path, capsys):
     assert lines[-1].endswith("ETA 0:00:00") and err == ""
     _run(tmp_path / "b", 10, quiet=True)
     assert capsys.readouterr() == ("", "")
+
+
+def _tensorboard_scalars(workdir):
+    """``{tag: [(step, value)]}`` of the event files in ``workdir``, read record by record.
+
+    An event file is a sequence of records ``[uint64 length][uint32 crc][data][uint32 crc]``
+    whose data is an ``Event`` protocol buffer.
+    """
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in sorted(os.listdir(workdir)):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        with open(os.path.join(workdir, name), "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboardX")
+    lr = learning_rate_schedule(3e-3, warmup_steps=2)  # the rate of _optimizer()
+    _run(tmp_path, 10, tensorboard=True, learning_rate_fn=lr)
+    scalars = _tensorboard_scalars(tmp_path)
+    records = [r for r in read_metrics(os.path.join(tmp_path, "metrics.jsonl")) if "loss" in r]
+    assert [step for step, _ in scalars["loss"]] == [r["step"] for r in records] == [5, 10]
+    np.testing.assert_allclose([v for _, v in scalars["loss"]], [r["loss"] for r in records], rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in scalars["grad_norm"]], [r["grad_norm"] for r in records], rtol=1e-6)
+    assert sorted(t for t in scalars if t.startswith("per_sigma_loss/")) == [f"per_sigma_loss/{i}" for i in range(4)]
+    np.testing.assert_allclose([v for _, v in scalars["learning_rate"]], [float(lr(5)), float(lr(10))], rtol=1e-6)
+
+
+def test_tensorboard_without_tensorboardx_warns_once_and_trains(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX raises ImportError
+    with pytest.warns(RuntimeWarning, match="tensorboardX is not installed") as record:
+        state = _run(tmp_path, 5, tensorboard=True)
+    assert int(state.step) == 5 and len(record) == 1
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("events.")]
+    with pytest.raises(ValueError, match="tensorboard=True needs a workdir"):
+        train(lambda p, b, k: 0.0, {}, lambda s: None, num_steps=1, tensorboard=True)
 
 
 def test_nan_in_data_names_the_step_and_keeps_checkpoints(tmp_path):
