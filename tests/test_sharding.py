@@ -159,5 +159,15 @@ def test_unknown_backend_is_a_value_error():
         train(lambda p, b, k: 0.0, {}, lambda s: None, num_steps=1, parallel="pjit")
 
 
+def test_the_config_field_names_the_backends_of_train():
+    from dsm_jax import config as config_lib
+    from dsm_jax import train as train_lib
+
+    assert config_lib.PARALLEL == train_lib.PARALLEL
+    assert "parallel" in config_lib.NON_TRAINING_FIELDS  # a run may resume under the other backend
+    with pytest.raises(ValueError, match="parallel must be one of pmap, sharding; got 'pjit'"):
+        config_lib.Config(parallel="pjit")
+
+
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), sys.argv[2])

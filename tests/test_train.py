@@ -25,7 +25,7 @@ import pytest
 
 from dsm_jax.checkpoint import Checkpointer, CorruptCheckpointWarning
 from dsm_jax.distributions import GaussianMixture
-from dsm_jax.models import NoiseConditionalMLP, init_params, make_score_fn
+from dsm_jax.models import NoiseConditionalMLP, UNet, init_params, make_score_fn
 from dsm_jax.models import make_dsm_loss_fn as models_make_dsm_loss_fn
 from dsm_jax.noise import geometric_sigmas
 from dsm_jax.runlog import MetricsLogWarning, read_metrics, repair_metrics
@@ -754,6 +754,68 @@ if __name__ == "__main__":
         _run(_workdir, toy=_toy(sleep=_sleep), **_kwargs)
     else:
         raise SystemExit(f"unknown mode {_mode!r}")
+
+
+def _bf16_run(dtype, seed, num_steps=100):
+    """(initial loss, final loss, final state, model) of the default toy (eight Gaussians) trained in memory.
+
+    A small MLP (width 32, depth 1), batch 64; the losses are the training loss on 2048 fixed points
+    with fixed keys, each model evaluated in its own compute dtype.
+    """
+    from dsm_jax.config import Config
+    from dsm_jax.run import build_run
+
+    cfg = Config(seed=seed, dtype=dtype, width=32, depth=1, num_train=2048, num_test=256)
+    run = build_run(cfg)
+    data = run.dataset.train
+    params = init_params(run.model, jax.random.key(seed), jnp.asarray(data[:1]))
+    loss_fn = models_make_dsm_loss_fn(run.model, jnp.asarray(run.sigmas))
+    state = train(
+        loss_fn,
+        params,
+        lambda s: data[(s * 64 + np.arange(64)) % len(data)],
+        num_steps=num_steps,
+        optimizer=make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps),
+        seed=seed,
+        steps_per_call=50,
+        quiet=True,
+    )
+    keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(123), j))(jnp.arange(2048))
+    evaluate = jax.jit(lambda p: loss_fn(p, jnp.asarray(data[:2048]), keys)[0])
+    return float(evaluate(params)), float(evaluate(jax.tree.map(jnp.asarray, state.params))), state, run.model
+
+
+@pytest.mark.parametrize("model", [NoiseConditionalMLP(width=32, depth=1), UNet(channels=8, channel_mults=(1,))])
+def test_bfloat16_networks_compute_in_bf16_with_float32_parameters_and_output(model):
+    """The same float32 parameters serve both dtypes; the bf16 output is float32, a bf16 rounding away."""
+    x = jax.random.normal(jax.random.key(0), (4, 2) if isinstance(model, NoiseConditionalMLP) else (4, 4, 4, 1))
+    sigma = jnp.full((4,), 0.5)
+    bf16 = model.clone(dtype=jnp.bfloat16, zero_init_output=False)
+    params = init_params(bf16, jax.random.key(1), x[:1])
+    assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    out_16 = jax.jit(bf16.apply)({"params": params}, x, sigma)
+    out_32 = jax.jit(bf16.clone(dtype=jnp.float32).apply)({"params": params}, x, sigma)
+    assert out_16.dtype == out_32.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(out_16 - out_32) / jnp.linalg.norm(out_32))
+    assert 1e-4 < rel < 5e-2, rel  # bf16 keeps 8 significant bits: relative rounding ~4e-3 per operation
+
+
+@pytest.mark.slow
+def test_bfloat16_trains_the_default_toy_like_float32():
+    """``dtype=bfloat16`` trains the default toy as float32 does; parameters and optimizer state stay float32.
+
+    Tolerance, measured in this setting (100 steps; seeds 0, 1, 2; the test runs seed 0): the loss
+    decrease under bf16 was within 4.7e-5, 1.8e-4 and 1.1e-4 (relative) of the float32 decrease, the
+    final losses within 1.1e-5, 4.0e-5 and 2.6e-5, and the two networks' outputs at the same
+    parameters 3e-3 to 5e-3 apart. The bounds are about 5x the largest measured. (The loss includes
+    the irreducible DSM variance, so the decrease is the sharper comparison.) About 30 s on 2 cores.
+    """
+    (l0_32, lf_32, _, _), (l0_16, lf_16, state_16, _) = (_bf16_run(dtype, seed=0) for dtype in ("float32", "bfloat16"))
+    assert {a.dtype for a in jax.tree.leaves((state_16.params, state_16.ema_params))} == {np.dtype(np.float32)}
+    assert {a.dtype for a in jax.tree.leaves(state_16.opt_state)} <= {np.dtype(np.float32), np.dtype(np.int32)}
+    assert l0_32 - lf_32 > 0.1  # it trained
+    assert abs((l0_16 - lf_16) / (l0_32 - lf_32) - 1.0) < 1e-3
+    assert abs(lf_16 - lf_32) / lf_32 < 2e-4
 
 
 def test_runtime_checks_are_reported_with_the_step(tmp_path):
