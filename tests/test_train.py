@@ -785,17 +785,46 @@ def _bf16_run(dtype, seed, num_steps=100):
     return float(evaluate(params)), float(evaluate(jax.tree.map(jnp.asarray, state.params))), state, run.model
 
 
-@pytest.mark.parametrize("model", [NoiseConditionalMLP(width=32, depth=1), UNet(channels=8, channel_mults=(1,))])
+def _matmul_input_dtypes(jaxpr) -> list:
+    """The input dtypes of every matrix product and convolution of a jaxpr, nested calls included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            out.extend(str(v.aval.dtype) for v in eqn.invars)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                out.extend(_matmul_input_dtypes(inner))
+    return out
+
+
+@pytest.mark.parametrize("model", [NoiseConditionalMLP(width=32, depth=1), UNet(channels=8, channel_mults=(1, 2))])
 def test_bfloat16_networks_compute_in_bf16_with_float32_parameters_and_output(model):
-    """The same float32 parameters serve both dtypes; the bf16 output is float32, a bf16 rounding away."""
-    x = jax.random.normal(jax.random.key(0), (4, 2) if isinstance(model, NoiseConditionalMLP) else (4, 4, 4, 1))
+    """Under dtype=bfloat16 every matmul and convolution takes bf16 inputs, the parameters are float32
+    (the same tree as float32's) and the output is float32; traced, not compiled."""
+    x = jnp.zeros((4, 2) if isinstance(model, NoiseConditionalMLP) else (4, 8, 8, 1))
     sigma = jnp.full((4,), 0.5)
-    bf16 = model.clone(dtype=jnp.bfloat16, zero_init_output=False)
-    params = init_params(bf16, jax.random.key(1), x[:1])
+    bf16 = model.clone(dtype=jnp.bfloat16)
+    params = jax.eval_shape(lambda k: bf16.init(k, x, sigma)["params"], jax.random.key(0))
     assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(np.float32)}
-    out_16 = jax.jit(bf16.apply)({"params": params}, x, sigma)
-    out_32 = jax.jit(bf16.clone(dtype=jnp.float32).apply)({"params": params}, x, sigma)
-    assert out_16.dtype == out_32.dtype == jnp.float32
+    assert jax.tree.structure(params) == jax.tree.structure(
+        jax.eval_shape(lambda k: model.init(k, x, sigma)["params"], jax.random.key(0))
+    )
+    closed = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, x, sigma))(params)
+    dtypes = _matmul_input_dtypes(closed.jaxpr)
+    assert len(dtypes) > 4 and set(dtypes) == {"bfloat16"}, dtypes
+    assert closed.out_avals[0].dtype == jnp.float32
+    assert set(_matmul_input_dtypes(jax.make_jaxpr(lambda p: model.apply({"params": p}, x, sigma))(params).jaxpr)) == {
+        "float32"
+    }
+
+
+def test_bfloat16_mlp_output_is_a_bf16_rounding_from_float32():
+    mlp = NoiseConditionalMLP(width=32, depth=1, zero_init_output=False)
+    x, sigma = jax.random.normal(jax.random.key(0), (4, 2)), jnp.full((4,), 0.5)
+    params = init_params(mlp, jax.random.key(1), x[:1])
+    out_32 = jax.jit(mlp.apply)({"params": params}, x, sigma)
+    out_16 = jax.jit(mlp.clone(dtype=jnp.bfloat16).apply)({"params": params}, x, sigma)
     rel = float(jnp.linalg.norm(out_16 - out_32) / jnp.linalg.norm(out_32))
     assert 1e-4 < rel < 5e-2, rel  # bf16 keeps 8 significant bits: relative rounding ~4e-3 per operation
 
