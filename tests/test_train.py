@@ -837,7 +837,7 @@ def test_bfloat16_trains_the_default_toy_like_float32():
     decrease under bf16 was within 4.7e-5, 1.8e-4 and 1.1e-4 (relative) of the float32 decrease, the
     final losses within 1.1e-5, 4.0e-5 and 2.6e-5, and the two networks' outputs at the same
     parameters 3e-3 to 5e-3 apart. The bounds are about 5x the largest measured. (The loss includes
-    the irreducible DSM variance, so the decrease is the sharper comparison.) About 30 s on 2 cores.
+    the irreducible DSM variance, so the decrease is the sharper comparison.) 13 to 60 s on the shared 2 cores.
     """
     (l0_32, lf_32, _, _), (l0_16, lf_16, state_16, _) = (_bf16_run(dtype, seed=0) for dtype in ("float32", "bfloat16"))
     assert {a.dtype for a in jax.tree.leaves((state_16.params, state_16.ema_params))} == {np.dtype(np.float32)}
