@@ -3,8 +3,11 @@
 A checkpoint of step ``s`` is one orbax step directory ``<directory>/<s>``
 holding two items:
 
-* ``state``: the training state pytree (host numpy arrays; any pytree, e.g.
-  :class:`dsm_jax.train.TrainState`), saved with ``StandardSave``;
+* ``state``: the training state pytree (any pytree, e.g.
+  :class:`dsm_jax.train.TrainState`), saved with ``StandardSave``: host
+  numpy arrays, or ``jax.Array`` s laid out over a device mesh (the
+  sharding backend's replicated state; orbax writes each array once, from
+  the process that owns it, also across hosts);
 * ``meta``: JSON ``{"step": s, "data_state": ..., "config": ...}``: the
   step, the data position (whatever JSON the data source returns) and the
   run's configuration.
@@ -28,6 +31,13 @@ file, a missing item, a checksum mismatch) is skipped with a
 :class:`CorruptCheckpointWarning` and moved aside to
 ``<directory>/corrupt-<s>-<time>`` (kept for inspection, ignored by orbax),
 and the previous one is tried, down to the oldest.
+
+Device counts: the files do not depend on how the arrays were laid out.
+A restore with a host ``target`` (numpy arrays) or without one gives numpy
+arrays; a restore with a ``target`` of ``jax.ShapeDtypeStruct`` s (or
+arrays) carrying a sharding places every array straight onto that sharding,
+whatever mesh wrote it (a run saved on 4 devices resumes on 2, and a
+checkpoint of either training backend resumes under the other).
 
 Example:
     >>> with Checkpointer(workdir + "/checkpoints", keep=3) as ckpt:  # doctest: +SKIP
@@ -155,9 +165,18 @@ class DropClosedLoopErrors:
             sys.unraisablehook = self._previous
 
 
-def _to_host(tree: Any) -> Any:
-    """A pytree of numpy arrays (fetched from the devices)."""
-    return jax.tree.map(np.asarray, jax.device_get(tree))
+def _is_placed(leaf: Any) -> bool:
+    """A leaf orbax reads or writes with its sharding: a ``jax.Array`` or a ``jax.ShapeDtypeStruct``."""
+    return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))
+
+
+def _for_orbax(tree: Any) -> Any:
+    """``tree`` with every leaf a ``jax.Array`` / ``jax.ShapeDtypeStruct`` (kept) or a numpy array.
+
+    Sharded arrays are handed to orbax as they are: fetching them to one host
+    would fail across hosts and cost a copy on one.
+    """
+    return jax.tree.map(lambda a: a if _is_placed(a) else np.asarray(a), tree)
 
 
 class Checkpointer:
@@ -185,7 +204,8 @@ class Checkpointer:
             enable_async_checkpointing=False,
             read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -213,11 +233,8 @@ class Checkpointer:
         """
         step = check_positive_int("step", step, minimum=0)
         meta = {"step": step, "data_state": data_state, "config": config, _CHECKSUMS_FLAG: True}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_to_host(state)), _META: ocp.args.JsonSave(meta)}),
-            force=True,
-        )
+        items = {_STATE: ocp.args.StandardSave(_for_orbax(state)), _META: ocp.args.JsonSave(meta)}
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._manager.wait_until_finished()
         if jax.process_index() == 0:
             _write_manifest(self._step_dir(step))
@@ -225,15 +242,18 @@ class Checkpointer:
     def restore(self, step: int, target: Any = None):
         """Reads and verifies the checkpoint of ``step``: ``(state, meta)``.
 
-        ``state`` has ``target``'s structure if given; ``meta`` is
-        ``{"step", "data_state", "config"}``.
+        ``state`` has ``target``'s structure if given, with ``jax.Array`` s
+        on the sharding of each leaf of ``target`` that has one (a
+        ``jax.ShapeDtypeStruct`` or array) and numpy arrays elsewhere (and
+        everywhere without a ``target``); ``meta`` is ``{"step",
+        "data_state", "config"}``.
 
         Raises:
             CorruptCheckpointError: the files do not match their checksums, or
                 the manifest that was due is missing.
         """
         verified = _verify_manifest(self._step_dir(step), step)
-        restore_state = ocp.args.StandardRestore(_to_host(target) if target is not None else None)
+        restore_state = ocp.args.StandardRestore(_for_orbax(target) if target is not None else self._host_target(step))
         out = self._manager.restore(
             step, args=ocp.args.Composite(**{_STATE: restore_state, _META: ocp.args.JsonRestore()})
         )
@@ -244,7 +264,22 @@ class Checkpointer:
             raise CorruptCheckpointError(
                 f"checkpoint of step {step} has no checksum manifest (its writer was stopped before writing it)."
             )
-        return _to_host(out[_STATE]), meta
+        state = out[_STATE]
+        if target is None:
+            return jax.tree.map(np.asarray, state), meta
+        return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), state), meta
+
+    def _host_target(self, step: int) -> Any:
+        """The saved shapes and dtypes on one local device: readable whatever mesh wrote the arrays.
+
+        (Without a target orbax would place each array on the sharding it was
+        saved with, which fails on another device count.)
+        """
+        metadata = self._manager.item_metadata(step)[_STATE]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), getattr(metadata, "tree", metadata)
+        )
 
     def restore_latest(self, target: Any = None):
         """The newest readable checkpoint as ``(state, meta)``, or None when there is none.

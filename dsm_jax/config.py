@@ -30,6 +30,9 @@ LOSSES = tuple(_LOSS_TABLE)
 """The names of :data:`dsm_jax.run.LOSSES`, the one table of the command's training losses."""
 # The names of dsm_jax.models.embeddings.EMBEDDINGS, written out: that module loads flax.
 EMBEDDINGS = ("fourier", "sinusoidal")
+# dsm_jax.train.PARALLEL and the compute dtypes of the networks, written out: those modules load jax and flax.
+PARALLEL = ("pmap", "sharding")
+DTYPES = ("float32", "bfloat16")
 
 
 def _field(default, help: str):
@@ -110,6 +113,11 @@ class Config:
     save_every: int = _field(1000, "checkpoint every this many steps")
     keep: int = _field(3, "checkpoints kept")
     log_every: int = _field(100, "write a metrics.jsonl line every this many steps")
+    parallel: str = _field(
+        "pmap", "data-parallel backend: pmap, or sharding (jit over a device mesh); a run may resume under either"
+    )
+    dtype: str = _field("float32", "network compute dtype: float32, or bfloat16 (parameters and loss stay float32)")
+    tensorboard: bool = _field(False, "also write TensorBoard event files to the work directory (needs tensorboardX)")
     # sampling and evaluation
     sampler: str = _field("ald", f"sampler after training: {describe_samplers()}")
     num_samples: int = _field(2000, "samples drawn after training and by sample/evaluate")
@@ -182,6 +190,8 @@ class Config:
             ("parameterization", PARAMETERIZATIONS),
             ("weighting", WEIGHTINGS),
             ("embedding", EMBEDDINGS),
+            ("parallel", PARALLEL),
+            ("dtype", DTYPES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}.")
@@ -245,6 +255,8 @@ NON_TRAINING_FIELDS = frozenset(
         "num_steps",
         "log_every",
         "save_every",
+        "parallel",  # both backends compute the same steps (to float rounding) and read each other's checkpoints
+        "tensorboard",
         "keep",
         "sampler",
         "num_samples",

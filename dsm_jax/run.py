@@ -343,10 +343,10 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
                 f"channel_mults={cfg.channel_mults} downsamples {levels} times; image size {dataset.shape[:2]} "
                 f"must be divisible by {2**levels}; --set channel_mults=...{alternative}."
             )
-        model = UNet(channels=cfg.channels, channel_mults=cfg.channel_mults, embedding=cfg.embedding)
+        model = UNet(channels=cfg.channels, channel_mults=cfg.channel_mults, embedding=cfg.embedding, dtype=cfg.dtype)
     else:
         model = NoiseConditionalMLP(
-            width=cfg.width, depth=cfg.depth, embedding=cfg.embedding, fourier_scale=cfg.fourier_scale
+            width=cfg.width, depth=cfg.depth, embedding=cfg.embedding, fourier_scale=cfg.fourier_scale, dtype=cfg.dtype
         )
     sigma_max = cfg.sigma_max if cfg.sigma_max is not None else float(noise.ncsnv2_sigma_max(dataset.train))
     if sigma_max <= cfg.sigma_min:
@@ -1061,7 +1061,7 @@ def train_and_sample(
     from dsm_jax import config as config_lib
     from dsm_jax.data import BatchSource
     from dsm_jax.models import init_params
-    from dsm_jax.train import ConfigMismatchError, make_optimizer, train
+    from dsm_jax.train import ConfigMismatchError, learning_rate_schedule, make_optimizer, train
 
     workdir = Path(workdir)
     with ExitStack() as stack:
@@ -1113,6 +1113,9 @@ def train_and_sample(
                 log_every=cfg.log_every,
                 config=config_lib.training_fields(cfg),
                 quiet=quiet,
+                parallel=cfg.parallel,
+                tensorboard=cfg.tensorboard,
+                learning_rate_fn=learning_rate_schedule(cfg.learning_rate, warmup_steps=cfg.warmup_steps),
             )
         except (KeyboardInterrupt, SystemExit) as err:
             raise _training_interrupted(err, workdir) from None

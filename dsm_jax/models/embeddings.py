@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -100,12 +101,15 @@ class SigmaEmbedding(nn.Module):
         embed_dim: size of the fixed feature map (even).
         kind: "fourier" or "sinusoidal".
         fourier_scale: ``scale`` of :class:`GaussianFourierEmbedding`.
+        dtype: compute dtype of the two Dense layers (the features of
+            ``log sigma`` are computed in float32; parameters are float32).
     """
 
     features: int = 128
     embed_dim: int = 64
     kind: str = "fourier"
     fourier_scale: float = 16.0
+    dtype: Any = jnp.float32
 
     def __post_init__(self):
         check_positive_int("features", self.features)
@@ -121,5 +125,5 @@ class SigmaEmbedding(nn.Module):
             emb = GaussianFourierEmbedding(self.embed_dim, self.fourier_scale)(v)
         else:
             emb = sinusoidal_embedding(v, self.embed_dim)
-        emb = nn.Dense(self.features)(emb)
-        return nn.Dense(self.features)(nn.silu(emb))
+        emb = nn.Dense(self.features, dtype=self.dtype)(emb)
+        return nn.Dense(self.features, dtype=self.dtype)(nn.silu(emb))

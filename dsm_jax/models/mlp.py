@@ -5,12 +5,20 @@
 the sigma embedding ``e`` added in the middle); then
 ``LayerNorm -> SiLU -> Dense(d)``. The output has the input's shape; what it
 means (score, eps, x0) is the caller's ``parameterization``.
+
+Mixed precision: ``dtype=jnp.bfloat16`` runs the layers in bfloat16 while
+the parameters stay float32 (Flax's ``param_dtype``; the optimizer state
+and the checkpoints are unchanged) and the output is cast back to the
+input's dtype, so the loss is computed in float32.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from dsm_jax._checks import check_positive_int
 from dsm_jax.models._inputs import check_inputs
@@ -23,12 +31,14 @@ class ResidualBlock(nn.Module):
     """``h + Dense(SiLU(Dense(SiLU(LayerNorm(h))) + Dense(emb)))``, pre-norm."""
 
     features: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array, emb: jax.Array) -> jax.Array:
-        z = nn.Dense(self.features)(nn.silu(nn.LayerNorm()(h)))
-        z = z + nn.Dense(self.features)(emb)
-        z = nn.Dense(self.features)(nn.silu(z))
+        dense = lambda: nn.Dense(self.features, dtype=self.dtype)
+        z = dense()(nn.silu(nn.LayerNorm(dtype=self.dtype)(h)))
+        z = z + dense()(emb)
+        z = dense()(nn.silu(z))
         return h + z
 
 
@@ -56,6 +66,8 @@ class NoiseConditionalMLP(nn.Module):
             behave as they were trained.
         zero_init_output: start the last layer at zero (the untrained model
             outputs 0; common for diffusion networks, keeps early steps stable).
+        dtype: compute dtype of the layers (float32, or bfloat16 for mixed
+            precision); the parameters are float32 either way.
 
     Example:
         >>> import jax.numpy as jnp
@@ -72,6 +84,7 @@ class NoiseConditionalMLP(nn.Module):
     embed_dim: int = 64
     fourier_scale: float = 1.0
     zero_init_output: bool = True
+    dtype: Any = jnp.float32
 
     def __post_init__(self):
         check_positive_int("width", self.width)
@@ -81,13 +94,12 @@ class NoiseConditionalMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
         check_inputs(x, sigma, min_ndim=2)
-        emb = SigmaEmbedding(self.width, self.embed_dim, self.embedding, self.fourier_scale)(sigma)
+        emb = SigmaEmbedding(self.width, self.embed_dim, self.embedding, self.fourier_scale, dtype=self.dtype)(sigma)
         flat = x.reshape(x.shape[0], -1)
-        h = nn.Dense(self.width)(flat)
+        h = nn.Dense(self.width, dtype=self.dtype)(flat)
         for _ in range(self.depth):
-            h = ResidualBlock(self.width)(h, emb)
-        h = nn.silu(nn.LayerNorm()(h))
-        out = nn.Dense(flat.shape[-1], kernel_init=_zeros if self.zero_init_output else nn.linear.default_kernel_init)(
-            h
-        )
-        return out.reshape(x.shape)
+            h = ResidualBlock(self.width, dtype=self.dtype)(h, emb)
+        h = nn.silu(nn.LayerNorm(dtype=self.dtype)(h))
+        kernel_init = _zeros if self.zero_init_output else nn.linear.default_kernel_init
+        out = nn.Dense(flat.shape[-1], kernel_init=kernel_init, dtype=self.dtype)(h)
+        return out.reshape(x.shape).astype(x.dtype)
