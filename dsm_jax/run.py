@@ -342,7 +342,13 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
                 f"channel_mults={cfg.channel_mults} downsamples {levels} times; image size {dataset.shape[:2]} "
                 f"must be divisible by {2**levels}; --set channel_mults=...{alternative}."
             )
-        model = UNet(channels=cfg.channels, channel_mults=cfg.channel_mults, embedding=cfg.embedding)
+        model = UNet(
+            channels=cfg.channels,
+            channel_mults=cfg.channel_mults,
+            num_res_blocks=cfg.num_res_blocks,
+            attention_resolutions=cfg.attention_resolutions,
+            embedding=cfg.embedding,
+        )
     else:
         model = NoiseConditionalMLP(
             width=cfg.width, depth=cfg.depth, embedding=cfg.embedding, fourier_scale=cfg.fourier_scale
@@ -1058,7 +1064,7 @@ def train_and_sample(
             whether and at which step it checkpointed).
     """
     from dsm_jax import config as config_lib
-    from dsm_jax.data import BatchSource
+    from dsm_jax.images import batch_source
     from dsm_jax.models import init_params
     from dsm_jax.train import ConfigMismatchError, make_optimizer, train
 
@@ -1077,7 +1083,10 @@ def train_and_sample(
         n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         loss_fn = LOSSES[cfg.loss].make(run)
         optimizer = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, grad_clip_norm=cfg.grad_clip_norm)
-        batches = BatchSource(run.dataset.train, cfg.batch_size, seed=cfg.seed)
+        try:
+            batches = batch_source(run.dataset.train, cfg.batch_size, seed=cfg.seed, flip=cfg.random_flip)
+        except ValueError as err:
+            raise UserError(str(err)) from None
         on_phase(PREPARING)
         if lock is None:
             workdir.mkdir(parents=True, exist_ok=True)
