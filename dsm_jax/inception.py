@@ -545,10 +545,13 @@ def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
     if not os.path.isfile(path):
         raise ValueError(f"FID reference statistics {path!r} do not exist.")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            fields = {k: f[k] for k in f.files}
-    except (OSError, ValueError, AttributeError) as err:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
         raise ValueError(f"cannot read the FID reference statistics {path!r}: {err}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path!r} is not a FID reference statistics file (an .npz from save_reference_stats).")
+    with loaded:
+        fields = {k: loaded[k] for k in loaded.files}
     needed = ("format", "mean", "covariance", "num_images", "dataset", "split", "settings_json", "settings_hash")
     if any(k not in fields for k in needed) or str(fields["format"]) != _FORMAT:
         raise ValueError(f"{path!r} is not a FID reference statistics file (save_reference_stats writes them).")

@@ -184,7 +184,7 @@ def test_evaluate_with_fid_weights_and_reference(weights_file, tmp_path, capsys)
     px = np.random.default_rng(5).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
     np.save(tmp_path / "px.npy", px)
     workdir = tmp_path / "run"
-    sets = tiny_sets(model="unet", channels=8, batch_size=16, num_test=8, num_samples=8, sigma_max=20)
+    sets = tiny_sets(model="unet", channels=8, batch_size=16, num_train=None, num_test=8, num_samples=8, sigma_max=20)
     sets += ["--set", "sigma_sampling=random", "--set", "steps_per_call=1", "--set", "steps_per_sigma=2"]
     argv = ["train", "--dataset", str(tmp_path / "px.npy"), "--workdir", str(workdir), "--quiet", "--num-steps", "3"]
     assert cli.main([*argv, *sets]) == 0
