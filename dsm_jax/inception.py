@@ -509,7 +509,13 @@ class ReferenceStats:
 def reference_stats(
     network: FIDNetwork, images: Any, *, dataset: str, split: str, batch_size: int = 50
 ) -> ReferenceStats:
-    """The :class:`ReferenceStats` of ``images`` (as :func:`fid_features` takes them)."""
+    """The :class:`ReferenceStats` of ``images`` (as :func:`fid_features` takes them; at least 2 for a covariance).
+
+    Statistics of fewer than :data:`FID_MIN_SAMPLES` images are written (for
+    tests); :func:`fid` refuses them unless forced.
+    """
+    if int(np.shape(images)[0]) < 2:
+        raise ValueError(f"reference statistics need at least 2 images, got {np.shape(images)[0]}.")
     mean, cov = _feature_statistics(fid_features(network, images, batch_size=batch_size))
     return ReferenceStats(mean, cov, int(np.shape(images)[0]), str(dataset), str(split), network.settings)
 

@@ -206,3 +206,17 @@ def test_evaluate_with_fid_weights_and_reference(weights_file, tmp_path, capsys)
     written = json.loads((workdir / "eval_ald_n4_seed0.json").read_text())
     assert np.isfinite(written["fid"]) and written["fid"] > 0
     assert written["fid_reference"]["num_images"] == 20 and written["fid_reference"]["split"] == "train"
+
+
+@pytest.mark.slow  # the network compiled at 299x299: ~8 s on 2 cores
+def test_reference_statistics_command(weights_file, tmp_path, capsys):
+    np.save(tmp_path / "px.npy", _images(6, 10)[:, :32, :32])
+    out = tmp_path / "stats.npz"
+    argv = ["--weights", str(weights_file[0]), "--dataset", str(tmp_path / "px.npy"), "--split", "train"]
+    assert inception._main([*argv, "--out", str(out), "--batch-size", "2"]) == 0
+    stats = inception.load_reference_stats(out)
+    assert (stats.num_images, stats.split, stats.settings["input_size"]) == (9, "train", 299)
+    assert np.all(np.isfinite(stats.covariance))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        inception._main([*argv[:-1], "test", "--out", str(out)])  # the held-out split is 1 image
+    assert "wrote" in capsys.readouterr().out
