@@ -1,4 +1,4 @@
-"""FID: the FID InceptionV3 in Flax (pool3 features), reference statistics, and the Frechet distance.
+"""FID: the FID InceptionV3 in Flax (pool3 features), reference statistics, and the FID of a sample set.
 
 The network is the InceptionV3 variant of the TensorFlow FID code as
 pytorch-fid ports it (``fid_inception_v3``): torchvision's InceptionV3 with
@@ -69,7 +69,6 @@ __all__ = [
     "ReferenceStats",
     "fid",
     "fid_features",
-    "frechet_distance_from_stats",
     "load_fid_weights",
     "load_reference_stats",
     "reference_stats",
@@ -443,37 +442,8 @@ def fid_features(network: FIDNetwork, images: Any, *, batch_size: int = 50) -> n
 
 
 # ---------------------------------------------------------------------------
-# Statistics and the Frechet distance
-# TODO(lead): dedupe with dsm_jax.metrics.feature_statistics / frechet_distance_from_stats (another branch).
+# Statistics (dsm_jax.metrics.feature_statistics / frechet_distance_from_stats, imported when used)
 # ---------------------------------------------------------------------------
-
-
-def _feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean [d], covariance [d, d])`` in float64, the covariance with the ``N - 1`` denominator."""
-    features = np.asarray(features, np.float64)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
-    """``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^{1/2})``, the Frechet distance of two Gaussians.
-
-    ``tr (C_a C_b)^{1/2}`` is computed as the sum of the square roots of the
-    eigenvalues of the symmetric ``C_a^{1/2} C_b C_a^{1/2}`` (the same
-    spectrum), clipped at 0: stable for singular covariances, no complex
-    ``sqrtm`` parts to discard.
-    """
-    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
-    cov_a, cov_b = np.atleast_2d(np.asarray(cov_a, np.float64)), np.atleast_2d(np.asarray(cov_b, np.float64))
-    if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != mu_a.shape * 2:
-        raise ValueError(
-            f"statistics must be means [d] and covariances [d, d] of one d, got {mu_a.shape}, {cov_a.shape}, "
-            f"{mu_b.shape}, {cov_b.shape}."
-        )
-    w, v = np.linalg.eigh((cov_a + cov_a.T) / 2)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    inner = root_a @ cov_b @ root_a
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt)
 
 
 def _settings_hash(settings: dict) -> str:
@@ -516,7 +486,9 @@ def reference_stats(
     """
     if int(np.shape(images)[0]) < 2:
         raise ValueError(f"reference statistics need at least 2 images, got {np.shape(images)[0]}.")
-    mean, cov = _feature_statistics(fid_features(network, images, batch_size=batch_size))
+    from dsm_jax.metrics import feature_statistics
+
+    mean, cov = feature_statistics(fid_features(network, images, batch_size=batch_size))
     return ReferenceStats(mean, cov, int(np.shape(images)[0]), str(dataset), str(split), network.settings)
 
 
@@ -611,7 +583,9 @@ def fid(
     differences = _differences(reference.settings, network.settings)
     if differences:
         raise ValueError(f"the reference statistics were made with other settings: {'; '.join(differences)}.")
-    mean, cov = _feature_statistics(fid_features(network, samples, batch_size=batch_size))
+    from dsm_jax.metrics import feature_statistics, frechet_distance_from_stats
+
+    mean, cov = feature_statistics(fid_features(network, samples, batch_size=batch_size))
     return frechet_distance_from_stats(mean, cov, reference.mean, reference.covariance)
 
 
