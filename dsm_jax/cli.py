@@ -162,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="noise levels of the euler, heun and dpmpp samplers: N evaluations, heun 2 N - 1 "
             "(default: the run's grid_steps)",
         )
+        if name == "evaluate":
+            p.add_argument("--fid-weights", dest="fid_weights", help="FID Inception weights .npz (with --fid-ref)")
+            p.add_argument(
+                "--fid-ref", dest="fid_ref", help="FID reference statistics .npz (python -m dsm_jax.inception)"
+            )
+            p.add_argument(
+                "--fid-force", action="store_true", dest="fid_force", help="compute the FID of fewer than 2048 images"
+            )
 
     d = sub.add_parser(
         "denoise",
@@ -231,6 +239,9 @@ def cmd_sample(args) -> int:
         seed=args.seed,
         steps=args.steps,
         on_phase=_phase_setter(args),
+        fid_weights=getattr(args, "fid_weights", None),
+        fid_ref=getattr(args, "fid_ref", None),
+        fid_force=getattr(args, "fid_force", False),
     )
     return 0
 

@@ -23,6 +23,9 @@ held-out ``test`` split, host ``float32`` numpy arrays ``[N, *D]``):
   ``allow_pickle=False`` and validated by :func:`load_array` (float dtype,
   finite values, shape ``[N, ...]``); bad files give a ``ValueError`` naming
   the path and the problem.
+* **8-bit images** (image folders, the CIFAR-10/100 binary files, uint8
+  ``.npy``/``.npz`` arrays): :mod:`dsm_jax.images`, which :func:`load_dataset`
+  calls for them.
 
 Batches come from :class:`BatchSource`, a pure function of the step:
 ``batch_at(step)`` is the slice ``[step * B, (step + 1) * B)`` of an endless
@@ -107,6 +110,9 @@ class Dataset:
         data_range: ``(low, high)`` bounds of the values for bounded data
             (digits: ``(-1, 1)``), None when unbounded.
         description: one line saying what the data is and how it is scaled.
+        train_labels: ``[N_train]`` integer labels when the source has them
+            (image class folders, CIFAR, an ``.npz`` ``labels`` array), else None.
+        test_labels: ``[N_test]`` likewise.
     """
 
     name: str
@@ -115,6 +121,8 @@ class Dataset:
     distribution: GaussianMixture | None = None
     data_range: tuple[float, float] | None = None
     description: str = ""
+    train_labels: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -503,9 +511,16 @@ def load_dataset(
     * ``"digits"``: a random split (permutation ``fold_in(key(seed), 2)``) with
       ``num_test`` held-out images (default 297, leaving 1500 for training);
       ``num_train`` (default: all the rest) may take fewer.
-    * A ``.npy``/``.npz`` path (:func:`load_array`, ``key`` picks the ``.npz``
+    * A ``.npy``/``.npz`` path of floats (:func:`load_array`, ``key`` picks the ``.npz``
       array): split like the digits, ``num_test`` defaulting to 10% of the
       examples (0 when there are fewer than 10).
+    * 8-bit images (:func:`dsm_jax.images.load_image_dataset`): a directory
+      holding CIFAR-10's ``data_batch_1.bin`` or CIFAR-100's ``train.bin``
+      (the binary versions), any other directory as an image folder (class
+      sub-folders give labels), or a ``.npy``/``.npz`` array of dtype uint8
+      (a ``.npy`` is memory-mapped); ``train``/``test`` are then lazy
+      :class:`~dsm_jax.images.ImageArray` views scaled to ``[-1, 1]`` by
+      ``(u + 0.5) / 128 - 1``.
 
     Args:
         name_or_path: a key of :data:`DATASETS` or a path to a user array.
@@ -538,8 +553,13 @@ def load_dataset(
         return Dataset(name, train, test, data_range=DIGITS_RANGE, description=DATASETS[name])
     if not _looks_like_path(name) and not os.path.exists(name):
         raise ValueError(
-            f"unknown dataset {name!r}: choose one of {sorted(DATASETS)} or give a path to a .npy/.npz file."
+            f"unknown dataset {name!r}: choose one of {sorted(DATASETS)} or give a path to a .npy/.npz file, "
+            "an image folder or a CIFAR binary directory."
         )
+    from dsm_jax import images
+
+    if images.is_image_source(name, key):
+        return images.load_image_dataset(name, num_train=num_train, num_test=num_test, seed=seed, key=key)
     data = load_array(name, key=key)
     num_train, num_test, seed = _check_sizes(num_train, data.shape[0] // 10 if num_test is None else num_test, seed)
     train, test = _split(data, num_train, num_test, seed, repr(name))

@@ -776,3 +776,34 @@ def frechet_with_baselines(
         return frechet_distance_from_stats(*feature_statistics(features(x)), *stats)
 
     return FrechetReport(distance(samples[:n]), distance(subset), distance(gaussian), n)
+
+
+# ---------------------------------------------------------------------------
+# FID
+# ---------------------------------------------------------------------------
+
+
+def fid(samples, reference, *, weights, force: bool = False, min_samples: int = 2048, batch_size: int = 50) -> float:
+    """Frechet Inception distance of ``samples`` to reference statistics (:func:`dsm_jax.inception.fid`).
+
+    ``FID = |mu_s - mu_r|^2 + tr(C_s + C_r - 2 (C_s C_r)^{1/2})`` on the 2048
+    pool3 features of the FID InceptionV3 (pytorch-fid's network and
+    bilinear 299x299 resize), samples in ``[-1, 1]`` quantized to 8 bits
+    first, as a PNG would store them.
+
+    Args:
+        samples: ``[N, H, W, C]`` images in ``[-1, 1]`` (or uint8 levels).
+        reference: :class:`dsm_jax.inception.ReferenceStats` or the path of their ``.npz``.
+        weights: the converted FID Inception weights (``.npz`` path) or a :class:`dsm_jax.inception.FIDNetwork`.
+        force: compare fewer than ``min_samples`` samples anyway.
+        min_samples: the smallest set accepted without ``force`` (2048, the feature dimension).
+        batch_size: images per forward.
+
+    References:
+        Heusel et al., NeurIPS 2017.
+    """
+    from dsm_jax import inception
+
+    return inception.fid(
+        samples, reference, network=weights, force=force, min_samples=min_samples, batch_size=batch_size
+    )

@@ -343,7 +343,14 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
                 f"channel_mults={cfg.channel_mults} downsamples {levels} times; image size {dataset.shape[:2]} "
                 f"must be divisible by {2**levels}; --set channel_mults=...{alternative}."
             )
-        model = UNet(channels=cfg.channels, channel_mults=cfg.channel_mults, embedding=cfg.embedding, dtype=cfg.dtype)
+        model = UNet(
+            channels=cfg.channels,
+            channel_mults=cfg.channel_mults,
+            num_res_blocks=cfg.num_res_blocks,
+            attention_resolutions=cfg.attention_resolutions,
+            embedding=cfg.embedding,
+            dtype=cfg.dtype,
+        )
     else:
         model = NoiseConditionalMLP(
             width=cfg.width, depth=cfg.depth, embedding=cfg.embedding, fourier_scale=cfg.fourier_scale, dtype=cfg.dtype
@@ -715,8 +722,11 @@ def sample_and_evaluate(
     seed: int,
     stem: str = "samples",
     metrics_name: str = "metrics.json",
+    extra_metrics: Callable[[np.ndarray], dict] | None = None,
 ) -> dict:
     """Samples, evaluates and writes ``<stem>.npz``, ``metrics_name`` and the figures (:func:`write_figures`).
+
+    ``extra_metrics(samples) -> dict`` adds to the metrics (the FID of ``evaluate --fid-weights``).
 
     The sampling key is ``fold_in(key(seed), 1_000_003)``, a stream disjoint
     from the training steps'. Returns the metrics, with ``"files"``: the names
@@ -738,6 +748,8 @@ def sample_and_evaluate(
             f"try {SAMPLERS[sampler].hint}."
         )
     results = evaluate(run, params, samples, k_eval)
+    if extra_metrics is not None:
+        results.update(extra_metrics(samples))
     results.update(sampler=sampler, nfe=nfe, sampling_seconds=round(seconds, 3), seed=seed)
     files = []
     if jax.process_index() == 0:
@@ -1059,7 +1071,7 @@ def train_and_sample(
             whether and at which step it checkpointed).
     """
     from dsm_jax import config as config_lib
-    from dsm_jax.data import BatchSource
+    from dsm_jax.images import batch_source
     from dsm_jax.models import init_params
     from dsm_jax.train import ConfigMismatchError, learning_rate_schedule, make_optimizer, train
 
@@ -1078,7 +1090,10 @@ def train_and_sample(
         n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         loss_fn = LOSSES[cfg.loss].make(run)
         optimizer = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, grad_clip_norm=cfg.grad_clip_norm)
-        batches = BatchSource(run.dataset.train, cfg.batch_size, seed=cfg.seed)
+        try:
+            batches = batch_source(run.dataset.train, cfg.batch_size, seed=cfg.seed, flip=cfg.random_flip)
+        except ValueError as err:
+            raise UserError(str(err)) from None
         on_phase(PREPARING)
         if lock is None:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -1143,6 +1158,53 @@ def train_and_sample(
 # ---------------------------------------------------------------------------
 
 
+def fid_metric(run: Run, num: int, weights, reference, *, force: bool = False):
+    """``samples -> {"fid": ..., "fid_reference": ...}`` for ``evaluate --fid-weights W --fid-ref STATS``, or None.
+
+    Everything is checked before any sampling: both files given, readable and
+    made with the same settings (the reference's input size is used: 299 for
+    standard statistics), an image run, and at least
+    :data:`dsm_jax.inception.FID_MIN_SAMPLES` samples and reference images
+    unless ``force``.
+
+    Raises:
+        UserError: one line naming the file or the setting at fault.
+    """
+    if weights is None and reference is None:
+        return None
+    if weights is None or reference is None:
+        raise UserError("--fid-weights FILE and --fid-ref STATS go together: give both.")
+    shape = run.dataset.shape
+    if len(shape) != 3 or shape[-1] not in (1, 3):
+        raise UserError(f"FID needs an image run [H, W, 1 or 3]; {run.config.dataset!r} has examples of shape {shape}.")
+    from dsm_jax import inception
+
+    try:
+        ref = inception.load_reference_stats(reference)
+        network = inception.FIDNetwork.load(weights, input_size=ref.settings.get("input_size"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    differences = inception._differences(ref.settings, network.settings)
+    if differences:
+        raise UserError(f"--fid-ref {reference} was made with other settings: {'; '.join(differences)}.")
+    for what, count in (("--num", num), (f"the reference {reference}", ref.num_images)):
+        if count < inception.FID_MIN_SAMPLES and not force:
+            raise UserError(
+                f"FID with {count} images ({what}): at least {inception.FID_MIN_SAMPLES} are needed "
+                "(--num 50000 is the standard); --fid-force computes it anyway."
+            )
+    if network.input_size != inception.FID_INPUT_SIZE:
+        say(f"  note: FID at input size {network.input_size} (the reference's), not comparable with published FIDs")
+
+    def compute(samples: np.ndarray) -> dict:
+        value = inception.fid(samples, ref, network=network, force=True)
+        say(f"  FID {value:.4g} against {ref.num_images} images of the {ref.split} split of {ref.dataset}")
+        about = {"dataset": ref.dataset, "split": ref.split, "num_images": ref.num_images, "hash": ref.settings_hash}
+        return {"fid": value, "fid_reference": about}
+
+    return compute
+
+
 def sample_workdir(
     workdir,
     *,
@@ -1152,8 +1214,13 @@ def sample_workdir(
     seed: int | None = None,
     steps: int | None = None,
     on_phase: Callable[[str], None] = _ignore,
+    fid_weights=None,
+    fid_ref=None,
+    fid_force: bool = False,
 ) -> dict:
     """``dsm-jax sample`` (``evaluate=False``) and ``evaluate``: files named by :func:`output_names`.
+
+    ``fid_weights`` and ``fid_ref`` (together) add the FID (:func:`fid_metric`).
 
     ``sampler``, ``num`` and ``seed`` default to the run's; ``steps`` sets the
     run's ``grid_steps`` (the levels of the euler, heun and dpmpp samplers). ``evaluate`` with
@@ -1177,6 +1244,7 @@ def sample_workdir(
         num = cfg.num_samples if num is None else num
         seed = cfg.seed if seed is None else seed
         names = output_names(cfg, sampler, num, seed, evaluate=evaluate)
+        extra = fid_metric(run, num, fid_weights, fid_ref, force=fid_force)
         previous = None
         if evaluate and names:
             say(
@@ -1187,7 +1255,9 @@ def sample_workdir(
             previous = json.loads((workdir / "metrics.json").read_text())
         on_phase(SAMPLING)
         results = call_interruptibly(
-            lambda: sample_and_evaluate(run, params, workdir, num=num, sampler=sampler, seed=seed, **names),
+            lambda: sample_and_evaluate(
+                run, params, workdir, num=num, sampler=sampler, seed=seed, extra_metrics=extra, **names
+            ),
             message=_sampling_interrupted_line(command, workdir),
             cleanups=_interrupt_cleanups(workdir, lock),
         )
