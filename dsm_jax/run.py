@@ -1127,6 +1127,7 @@ def train_and_sample(
                 keep=cfg.keep,
                 log_every=cfg.log_every,
                 config=config_lib.training_fields(cfg),
+                config_defaults=config_lib.training_fields(config_lib.Config()),
                 quiet=quiet,
                 parallel=cfg.parallel,
                 tensorboard=cfg.tensorboard,

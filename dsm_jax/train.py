@@ -734,22 +734,30 @@ def _nonfinite_error(step: int, name: str, value: float, ckpt: Checkpointer | No
     )
 
 
-def _restore_or_init(ckpt: Checkpointer | None, initial: TrainState, target: Any, batches: _Batches, config: Any):
+def _restore_or_init(
+    ckpt: Checkpointer | None, initial: TrainState, target: Any, batches: _Batches, config: Any, config_defaults=None
+):
     """``(state, step, resumed)``: the latest readable checkpoint of ``ckpt``, or ``initial`` at step 0.
 
     The checkpoint is read into ``target``'s layout (host arrays, or arrays
     on a mesh). On resume the data position is restored and a ``config``
-    differing from the checkpoint's is a :class:`ConfigMismatchError`.
+    differing from the checkpoint's is a :class:`ConfigMismatchError`; a key
+    absent from the saved config (a field added after that run was written)
+    counts as its value in ``config_defaults``, the value that reproduces the
+    older behaviour.
     """
     restored = None if ckpt is None else ckpt.restore_latest(target=target)
     if ckpt is None or restored is None:
         return initial, 0, False
     host_state, meta = restored
     step = int(_replica(host_state.step))
-    if config is not None and meta.get("config") not in (None, config):
+    saved = meta.get("config")
+    if isinstance(saved, dict) and config_defaults:
+        saved = {**{k: v for k, v in config_defaults.items() if k in (config or {})}, **saved}
+    if config is not None and saved not in (None, config):
         raise ConfigMismatchError(
             f"config differs from the one saved with the checkpoint of step {step} in {ckpt.directory} "
-            f"({_config_differences(meta['config'], config)}); resuming would mix two runs: pass the "
+            f"({_config_differences(saved, config)}); resuming would mix two runs: pass the "
             "saved config or use another workdir."
         )
     batches.restore(meta["data_state"])
@@ -885,6 +893,7 @@ def train(
     keep: int = 3,
     log_every: int = 100,
     config: dict | None = None,
+    config_defaults: dict | None = None,
     quiet: bool = False,
     devices: Sequence[Any] | None = None,
     per_example_keys: bool = True,
@@ -955,6 +964,9 @@ def train(
         config: JSON-serialisable run configuration, saved with every
             checkpoint; resuming from a checkpoint saved with a different
             one is a ValueError (a checkpoint saved without one is accepted).
+        config_defaults: for keys of ``config`` that an older checkpoint's
+            config lacks, the value that run had implicitly (so adding a
+            field with a backward-compatible default does not block resuming).
         quiet: no progress bar or progress lines.
         devices: devices to train on; default ``jax.local_devices()`` for
             ``"pmap"`` and ``jax.devices()`` (every process's) for ``"sharding"``.
@@ -1009,6 +1021,7 @@ def train(
     if config is not None:
         try:
             config = json.loads(json.dumps(config))
+            config_defaults = json.loads(json.dumps(config_defaults))
         except (TypeError, ValueError) as err:
             raise ValueError(f"config must be JSON-serialisable, got {config!r} ({err}).") from None
     check_choice("parallel", parallel, PARALLEL)
@@ -1045,7 +1058,9 @@ def train(
             if workdir is None
             else stack.enter_context(Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep))
         )
-        state, step, resumed = _restore_or_init(ckpt, initial, backend.restore_target(initial), batches, config)
+        state, step, resumed = _restore_or_init(
+            ckpt, initial, backend.restore_target(initial), batches, config, config_defaults
+        )
         log = _MetricsLog(None if workdir is None else os.path.join(workdir, "metrics.jsonl"), is_main=is_main)
         log.repair(resume_step=step)
         log.tensorboard = _TensorBoard.open(

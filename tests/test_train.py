@@ -555,6 +555,16 @@ def test_resuming_with_a_different_config_is_an_error(tmp_path):
     assert int(_run(tmp_path, 30).step) == 30  # no config given: nothing to compare
 
 
+def test_a_field_added_since_the_checkpoint_resumes_at_its_default(tmp_path):
+    """A run written before a config field existed resumes when the field has the value it had implicitly."""
+    _run(tmp_path, 10, config={"lr": 0.003})
+    defaults = {"lr": 0.001, "dtype": "float32"}
+    state = _run(tmp_path, 20, config={"lr": 0.003, "dtype": "float32"}, config_defaults=defaults)
+    assert int(state.step) == 20
+    with pytest.raises(ConfigMismatchError, match=r"dtype: 'float32' saved, 'bfloat16' now"):
+        _run(tmp_path, 30, config={"lr": 0.003, "dtype": "bfloat16"}, config_defaults=defaults)
+
+
 def test_progress_lines_on_stdout_without_a_terminal(tmp_path, capsys):
     """Under pytest stderr is no terminal (no bar): one line per log interval, none with quiet=True."""
     _run(tmp_path / "a", 10, quiet=False)
