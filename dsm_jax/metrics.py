@@ -57,6 +57,7 @@ __all__ = [
     "digits_classifier",
     "digits_features",
     "feature_statistics",
+    "fid",
     "fisher_divergence",
     "frechet_distance",
     "frechet_distance_from_stats",

@@ -1,4 +1,4 @@
-"""Studies 7, 8, 10, 11, 12 end to end in quick mode (tiny budgets: the harness, not the results)."""
+"""Studies 7, 8, 10, 11, 12, 13 end to end in quick mode (tiny budgets: the harness, not the results)."""
 
 import importlib
 import json
@@ -96,3 +96,19 @@ def test_study12_inpainting(tmp_path):
                 row["psnr_mean_image"],
             ]
         )
+
+
+@pytest.mark.slow  # four untrained tiny runs x seven samplers: ~1 min of XLA compilation
+def test_study13_fast_samplers(tmp_path):
+    r = _run("study13_fast_samplers", tmp_path)
+    assert set(r) == {"toy_ncsn", "toy_edm", "digits_ncsn", "digits_edm"}
+    for case in r.values():
+        samplers = {row["sampler"] for row in case["rows"]}
+        assert samplers == {"ald", "em", "pc", "ode", "euler", "heun", "dpmpp"}
+        for row in case["rows"]:
+            quality = row.get("mmd2", row.get("frechet"))
+            assert row["nfe"] > 0 and _finite([quality, row["seconds"]])
+            if row["sampler"] == "heun":
+                assert row["nfe"] == 2 * row["setting"] - 1
+            if row["sampler"] in ("euler", "dpmpp"):
+                assert row["nfe"] == row["setting"]
