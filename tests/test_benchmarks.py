@@ -179,3 +179,13 @@ def test_each_run_has_its_own_compiler_options_and_caches():
     assert quick.once("step", object) is quick.once("step", object)
     assert full.once("step", object) is not quick.once("step", object)
     assert full.compiler_options == {} and quick.compiler_options == {"xla_backend_optimization_level": 0}
+
+
+@pytest.mark.slow  # four tiny untrained runs, three samplers each: ~1 min of compilation
+def test_fast_samplers_bench_quick(tmp_path):
+    rows = load("bench_fast_samplers").main(["--quick", "--out", str(tmp_path)])
+    assert [r["preset"] for r in rows] == ["default", "edm", "digits", "edm_digits"]
+    for r in rows:
+        assert all(math.isfinite(t) and t > 0 for t in r["median_s"].values())
+        assert math.isfinite(r["ald/heun"]) and math.isfinite(r["ald/dpmpp"])
+    assert (tmp_path / "fast_samplers_quick.md").read_text().count("\n") == 6
