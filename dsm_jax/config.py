@@ -283,9 +283,10 @@ PRESETS = {
     ),
 }
 # sigma_data is the data's root mean square: 1.43 for the 8 Gaussians, 0.85 for the digits.
-PRESETS["edm"] = Config(loss="edm", parameterization="x0", sigma_data=1.4, num_steps=4000)
+# Sampled with Heun on 18 Karras levels (35 evaluations; study 13 measures it against annealed Langevin).
+PRESETS["edm"] = Config(loss="edm", parameterization="x0", sigma_data=1.4, num_steps=4000, sampler="heun")
 PRESETS["edm_digits"] = dataclasses.replace(
-    PRESETS["digits"], loss="edm", parameterization="x0", scale_by_sigma=False, sigma_data=0.85
+    PRESETS["digits"], loss="edm", parameterization="x0", scale_by_sigma=False, sigma_data=0.85, sampler="heun"
 )
 """Named configs: ``default`` (8 Gaussians, exact score known), ``two_clusters``
 (the DSM tutorial's mixture), ``swiss_roll``, ``digits`` (8x8 digits, U-Net), ``edm`` and

@@ -288,6 +288,6 @@ def test_the_edm_presets_pass_the_shape_and_loss_rules_unchanged():
         preset = PRESETS[name]
         cfg, _ = run_lib.fit_to_data(preset, shape, frozenset())
         cfg, chosen = run_lib._fit_to_loss(cfg, frozenset())
-        assert cfg == preset and chosen == () and preset.loss == "edm" and preset.sampler == "ald"
+        assert cfg == preset and chosen == () and preset.loss == "edm" and preset.sampler == "heun"
     # The digits models train at continuous levels, not only on the grid the samplers step between.
     assert PRESETS["digits"].sigma_sampling == "log_uniform" == PRESETS["edm_digits"].sigma_sampling
