@@ -171,7 +171,7 @@ def main(argv=None):
         common = (k_frechet, operator, y)
         linear = {"naive": naive(operator, y), "wiener": np.clip(wiener(train, operator, y, sigma_y), -1.0, 1.0)}
         rows = {k: scores(v, None, truth, labels, train, classifier, *common) for k, v in linear.items()}
-        images = {"measurement (naive)": linear["naive"][:8], "wiener": linear["wiener"][:8]}
+        images = {"measured": linear["naive"][:8], "wiener": linear["wiener"][:8]}
         for s_index, name in enumerate(SAMPLERS):
             if name == "projection" and sigma_y > 0:
                 continue  # projection imposes A x = y: for noise-free measurements only
@@ -220,8 +220,8 @@ def canvas(rows):
 def figure(shown, truth, results, draws):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 8.5))
-    grid = fig.add_gridspec(2, len(shown), height_ratios=(1.25, 1))
+    fig = Figure(figsize=(14, 7.5))
+    grid = fig.add_gridspec(2, len(shown), height_ratios=(1.1, 1), wspace=0.3, hspace=0.15)
     for i, (problem, images) in enumerate(shown.items()):
         ax = fig.add_subplot(grid[0, i])
         names = ["truth", *images]
@@ -229,6 +229,10 @@ def figure(shown, truth, results, draws):
         ax.set_yticks([4.5 + 9 * k for k in range(len(names))], names)
         ax.set_xticks([])
         ax.set_title(problem)
+    fig.suptitle(
+        "rows: truth / measured (super-resolution: A^+ y, the naive baseline; deblurring: the blurred y) / Wiener / "
+        "one draw of each sampler"
+    )
     ax = fig.add_subplot(grid[1, :])
     methods = ["naive", "wiener", *SAMPLERS]
     for i, (problem, rows) in enumerate(results["problems"].items()):
