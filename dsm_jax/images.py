@@ -454,11 +454,15 @@ def _npz_member_dtype(path: str, key: str | None):
 
 
 def is_image_source(path: PathLike, key: str | None = None) -> bool:
-    """Whether ``path`` is read by this module: a directory, or a ``.npy``/``.npz`` array of dtype uint8."""
+    """Whether ``path`` is read by this module: a directory, or a ``.npy``/``.npz`` array of dtype uint8.
+
+    A directory named like an array file (``x.npy``) is not: the array reader
+    refuses it with "is a directory", the likelier mistake.
+    """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return True
     suffix = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        return suffix not in (".npy", ".npz")
     if not os.path.isfile(path):
         return False
     if suffix == ".npy":

@@ -171,7 +171,7 @@ def test_sigint_while_training_checkpoints_resumes_and_a_second_writer_is_refuse
     assert len(steps) == 1 and f"at step {steps[0]}, which was checkpointed" in line, (line, steps)
     assert not (workdir / workdir_lib.LOCK_NAME).exists()
     assert cli.main(_train_argv(workdir, "--no-sample", steps=steps[0] + 10)) == 0
-    assert {"event": "resume", "step": steps[0], "num_devices": 1} in _events(workdir)
+    assert {"event": "resume", "step": steps[0], "num_devices": 1, "parallel": "pmap"} in _events(workdir)
 
 
 def test_sigterm_while_training_checkpoints_and_says_so(tmp_path):
@@ -245,9 +245,12 @@ def test_overwrite_with_the_same_config_resumes_and_keeps_everything(run_copy, c
     out = capsys.readouterr().out
     assert "same training config; resuming it (nothing deleted)" in out and "resuming in" in out
     assert (run_copy / "my_analysis.txt").read_text() == "keep me"
-    assert _checkpoint_steps(run_copy)[-1] == 30 and {"event": "resume", "step": 20, "num_devices": 1} in _events(
-        run_copy
-    )
+    assert _checkpoint_steps(run_copy)[-1] == 30 and {
+        "event": "resume",
+        "step": 20,
+        "num_devices": 1,
+        "parallel": "pmap",
+    } in _events(run_copy)
 
 
 def test_overwrite_with_another_config_refuses_foreign_files_then_deletes_only_run_files(run_copy, capsys):
