@@ -194,6 +194,24 @@ def _edm_loss_fn(run: Run):
     )
 
 
+def _flow_path(run: Run):
+    from dsm_jax.flows import get_path
+
+    return get_path(run.config.path)
+
+
+def _flow_model_fn(run: Run, params):
+    from dsm_jax.models import flow_model_fn
+
+    return flow_model_fn(run.model, params, _flow_path(run))
+
+
+def _flow_loss_fn(run: Run):
+    from dsm_jax.models import make_flow_matching_loss_fn
+
+    return make_flow_matching_loss_fn(run.model, jnp.asarray(run.sigmas), path=_flow_path(run))
+
+
 class TrainingLoss(NamedTuple):
     """An entry of :data:`LOSSES`.
 
@@ -219,6 +237,15 @@ LOSSES = {
         _edm_model_fn,
         parameterization="x0",
     ),
+    # The network outputs a velocity v(x_t, t), conditioned on the path's VE noise level sigma(t) / alpha(t)
+    # (dsm_jax.models.make_velocity_fn) for t in the run's sigma range; Run.model_fn is its exact VE score
+    # (dsm_jax.flows.score_model_from_velocity), so every sampler and the likelihood run it.
+    "flow_matching": TrainingLoss(
+        "conditional flow matching: the network is a velocity on a Gaussian path (path), sampled as a VE score",
+        _flow_loss_fn,
+        _flow_model_fn,
+        parameterization="score",
+    ),
 }
 """The training losses of ``Config.loss``, by name: the one table of their names."""
 
@@ -229,7 +256,8 @@ def describe_losses() -> str:
 
 
 def _fit_to_loss(cfg: Config, user_set) -> tuple:
-    """``(config, chosen)``: the parameterization a loss fixes (EDM's denoiser is "x0"), NCSNv2's scaling off.
+    """``(config, chosen)``: the parameterization a loss fixes (EDM's denoiser is "x0", flow matching's
+    converted velocity a "score"), NCSNv2's scaling off.
 
     A conflicting value the user gave (``user_set``) is an error; one from a
     preset or the defaults is replaced, and ``chosen`` says so.
@@ -239,15 +267,16 @@ def _fit_to_loss(cfg: Config, user_set) -> tuple:
         return cfg, ()
     user_set = user_set or frozenset()
     chosen = []
+    what = "a preconditioned denoiser" if fixed == "x0" else "a velocity, sampled as its exact score"
     for name, value in (("parameterization", fixed), ("scale_by_sigma", False)):
         if getattr(cfg, name) == value:
             continue
         if name in user_set:
             raise UserError(
-                f"loss={cfg.loss!r} trains a preconditioned denoiser (parameterization={fixed!r}, no scale_by_sigma); "
+                f"loss={cfg.loss!r} trains {what} (parameterization={fixed!r}, no scale_by_sigma); "
                 f"{name}={getattr(cfg, name)!r} cannot be used with it."
             )
-        chosen.append(f"{name}={value!r}: loss={cfg.loss!r} trains a preconditioned denoiser")
+        chosen.append(f"{name}={value!r}: loss={cfg.loss!r} trains {what}")
         cfg = dataclasses.replace(cfg, **{name: value})
     return cfg, tuple(chosen)
 

@@ -283,7 +283,7 @@ def test_config_validates_the_edm_fields(field, value, match):
 
 
 def test_the_edm_presets_pass_the_shape_and_loss_rules_unchanged():
-    assert LOSSES == ("dsm", "edm") and PRESETS["default"].loss == "dsm"
+    assert LOSSES[:2] == ("dsm", "edm") and PRESETS["default"].loss == "dsm"
     for name, shape in (("edm", (2,)), ("edm_digits", (8, 8, 1))):
         preset = PRESETS[name]
         cfg, _ = run_lib.fit_to_data(preset, shape, frozenset())

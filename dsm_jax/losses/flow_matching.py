@@ -8,9 +8,10 @@ from typing import cast
 import jax
 import jax.numpy as jnp
 
-from dsm_jax._checks import check_choice, check_floating, check_key, check_same_shape
+from dsm_jax._checks import check_choice, check_floating, check_key, check_same_shape, check_sigma_schedule
 from dsm_jax.flows import COUPLINGS, GaussianPath, VelocityFn, get_path
-from dsm_jax.losses._common import _check_data, _sum_per_example
+from dsm_jax.losses._common import _check_data, _mean_per_level, _nearest_level, _sum_per_example
+from dsm_jax.losses.denoising import is_key_batch
 
 T_SAMPLING = ("uniform", "logit_normal")
 """How the loss draws times: ``U[0, 1]``, or ``sigmoid(N(0, 1))`` (Esser et al. 2024), denser mid-path."""
@@ -31,6 +32,39 @@ def _sample_times(key: jax.Array, batch: int, t_sampling: str, dtype) -> jax.Arr
     return jax.nn.sigmoid(jax.random.normal(key, (batch,), dtype=dtype))
 
 
+def _check_t_range(t_range) -> tuple[float, float]:
+    ok = isinstance(t_range, (tuple, list)) and len(t_range) == 2
+    if ok:
+        lo, hi = (float(v) for v in t_range)
+        if 0.0 <= lo < hi <= 1.0:
+            return lo, hi
+    raise ValueError(f"t_range must be a pair (t_lo, t_hi) with 0 <= t_lo < t_hi <= 1, got {t_range!r}.")
+
+
+def _draw(key, shape, dtype, t_sampling, t_range):
+    """``(noise [B, *D], t [B], coupling key)``; ``[B]`` keys: example ``j`` draws what a batch of one draws."""
+    if is_key_batch(key):
+        noise, t, k_coupling = jax.vmap(lambda k: _draw(k, (1,) + tuple(shape[1:]), dtype, t_sampling, t_range))(key)
+        return noise[:, 0], t[:, 0], k_coupling[0]
+    k_noise, k_t, k_coupling = jax.random.split(key, 3)
+    lo, hi = t_range
+    t = lo + (hi - lo) * _sample_times(k_t, shape[0], t_sampling, dtype)
+    return jax.random.normal(k_noise, shape, dtype=dtype), t, k_coupling
+
+
+def dsm_weight(path: GaussianPath, t) -> jax.Array:
+    """``w(t)`` with ``1/2 |s_ve + eps / sigma_ve|^2 = w(t) |v - u_t|^2``: a velocity error as a DSM loss.
+
+    The score of ``p_t`` is affine in the velocity (:func:`dsm_jax.flows.score_from_velocity`)
+    and maps the conditional velocity ``u_t`` to the conditional score ``-z / sigma``;
+    the VE score at ``sigma_ve = sigma / alpha`` is ``alpha`` times it. Hence
+    ``w = alpha^4 / (2 sigma^2 (alpha' sigma - alpha sigma')^2)`` (``t^4 / (2 (1 - t)^2)``
+    on the rectified-flow path).
+    """
+    alpha, sigma, d_alpha, d_sigma = path.coefficients_and_derivatives(t)
+    return alpha**4 / (2.0 * sigma**2 * (d_alpha * sigma - alpha * d_sigma) ** 2)
+
+
 def flow_matching_loss(
     velocity_fn: VelocityFn,
     x: jax.Array,
@@ -41,7 +75,10 @@ def flow_matching_loss(
     coupling: str | Coupling | None = None,
     t_sampling: str = "uniform",
     noise: jax.Array | None = None,
-) -> jax.Array:
+    t_range: tuple[float, float] = (0.0, 1.0),
+    sigmas=None,
+    return_per_sigma: bool = False,
+):
     """Conditional flow matching: ``E_{t, x, z} |v(x_t, t) - u_t(x, z)|^2``.
 
     With data ``x``, noise ``z ~ N(0, I)`` and the path ``x_t = alpha(t) x +
@@ -71,9 +108,18 @@ def flow_matching_loss(
         t_sampling: "uniform" or "logit_normal".
         noise: ``[B, *D]`` noise paired with ``x`` row by row (e.g. from
             :func:`dsm_jax.flows.reflow`); drawn from ``key`` when None.
+        t_range: ``(t_lo, t_hi)``: the drawn times are mapped affinely onto it
+            (the noise levels a model is trained for, e.g.
+            ``path.t_from_noise_ratio(sigma_max)`` to ``path.t_from_noise_ratio(sigma_min)``).
+        sigmas: VE noise levels ``[L]`` for the diagnostics of ``return_per_sigma``.
+        return_per_sigma: also return ``[L]``: the per-example error as the
+            unweighted VE DSM loss (:func:`dsm_weight`), averaged over the examples
+            whose ``sigma(t) / alpha(t)`` is nearest (in log scale) to each level,
+            NaN where none is, as :func:`dsm_jax.losses.multiscale_dsm_loss` reports it.
 
     Returns:
-        A scalar: the batch mean of the per-example squared error, summed over dimensions.
+        A scalar: the batch mean of the per-example squared error, summed over
+        dimensions; ``(scalar, [L])`` with ``return_per_sigma``.
 
     Example:
         >>> x = jax.random.normal(jax.random.key(0), (256, 2))
@@ -89,21 +135,31 @@ def flow_matching_loss(
         Esser et al., "Scaling rectified flow transformers", ICML 2024 (logit-normal times).
     """
     _check_data("x", x)
-    check_key(key)
+    check_key(key, allow_batch=True)
     path = get_path(path, sigma_min=sigma_min)
     coupling_fn = _check_coupling(coupling)
     check_choice("t_sampling", t_sampling, T_SAMPLING)
-    k_noise, k_t, k_coupling = jax.random.split(key, 3)
+    t_range = _check_t_range(t_range)
+    if return_per_sigma:
+        if sigmas is None:
+            raise ValueError("return_per_sigma=True needs sigmas, the levels [L] of the diagnostics; got None.")
+        check_sigma_schedule(sigmas, decreasing=False)
+    drawn_noise, t, k_coupling = _draw(key, x.shape, x.dtype, t_sampling, t_range)
     if noise is None:
-        noise = jax.random.normal(k_noise, x.shape, dtype=x.dtype)
+        noise = drawn_noise
     else:
         check_same_shape("noise", noise, x.shape, "the shape of x")
         check_floating("noise", noise)
     data = x
     if coupling_fn is not None:
         noise, data = coupling_fn(noise, data, k_coupling)
-    t = _sample_times(k_t, x.shape[0], t_sampling, x.dtype)
     x_t, target = path.sample(data, noise, t)
     v = velocity_fn(x_t, t)
     check_same_shape("velocity_fn", v, x.shape, "the shape of x")
-    return jnp.mean(_sum_per_example((v - target) ** 2))
+    sq_error = _sum_per_example((v - target) ** 2)
+    loss = jnp.mean(sq_error)
+    if return_per_sigma:
+        levels = jnp.asarray(sigmas, dtype=x.dtype)
+        idx = _nearest_level(path.noise_ratio(t), levels)
+        return loss, _mean_per_level(dsm_weight(path, t) * sq_error, idx, levels.shape[0])
+    return loss

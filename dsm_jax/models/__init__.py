@@ -7,7 +7,16 @@ model signature (optionally with NCSNv2's ``output / sigma``) and
 :func:`edm_model_fn` does so for these networks and :func:`make_edm_loss_fn` trains it.
 """
 
-from dsm_jax.models.apply import init_params, make_dsm_loss_fn, make_edm_loss_fn, make_model_fn, make_score_fn
+from dsm_jax.models.apply import (
+    flow_model_fn,
+    init_params,
+    make_dsm_loss_fn,
+    make_edm_loss_fn,
+    make_flow_matching_loss_fn,
+    make_model_fn,
+    make_score_fn,
+    make_velocity_fn,
+)
 from dsm_jax.models.covariance import CovarianceMLP
 from dsm_jax.models.embeddings import GaussianFourierEmbedding, SigmaEmbedding, sinusoidal_embedding
 from dsm_jax.models.mlp import NoiseConditionalMLP
@@ -24,10 +33,13 @@ __all__ = [
     "edm_coefficients",
     "edm_model_fn",
     "edm_precondition",
+    "flow_model_fn",
     "init_params",
     "make_dsm_loss_fn",
     "make_edm_loss_fn",
+    "make_flow_matching_loss_fn",
     "make_model_fn",
     "make_score_fn",
+    "make_velocity_fn",
     "sinusoidal_embedding",
 ]

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from dsm_jax._checks import check_choice, check_sigma_schedule
-from dsm_jax.losses import SIGMA_SAMPLING, edm_loss, multiscale_dsm_loss
+from dsm_jax.flows import GaussianPath, check_path, score_model_from_velocity
+from dsm_jax.losses import SIGMA_SAMPLING, edm_loss, flow_matching_loss, multiscale_dsm_loss
 from dsm_jax.models.precondition import edm_model_fn
 from dsm_jax.noise import Weighting, get_weighting
 from dsm_jax.parameterization import as_score_fn, broadcast_sigma, check_parameterization, expand_to
@@ -193,6 +194,80 @@ def make_edm_loss_fn(
             sigma_data=sigma_data,
             p_mean=p_mean,
             p_std=p_std,
+            sigmas=sigmas,
+            return_per_sigma=True,
+        )
+        return loss, {"per_sigma_loss": per_sigma}
+
+    loss_fn.accepts_key_batch = True  # pyright: ignore[reportFunctionMemberAccess]  (read by make_train_step)
+    return loss_fn
+
+
+def make_velocity_fn(model: nn.Module, params: Any, path: GaussianPath):
+    """A noise-conditional network as a velocity field: ``v(x_t, t) = model.apply(params, x_t, sigma(t) / alpha(t))``.
+
+    The library's networks take ``(x, sigma)`` and embed ``log sigma``; a
+    flow-matching network is conditioned on the path's VE noise level
+    ``sigma(t) / alpha(t)`` (:meth:`dsm_jax.flows.GaussianPath.noise_ratio`)
+    in place of ``t``: a monotone reparameterisation of time, so the same
+    embedding serves both families, and the network's condition at a noise
+    level is the same whether it is called in ``t`` or through
+    :func:`dsm_jax.flows.score_model_from_velocity` at ``sigma``. Its input is
+    the path's ``x_t`` itself (order one on the linear and VP paths).
+
+    Returns:
+        ``velocity_fn(x_t, t) -> [B, *D]``, ``t`` a scalar or ``[B]`` in ``(0, 1)``.
+    """
+    check_path(path)
+    net = make_model_fn(model, params)
+    return lambda x_t, t: net(x_t, broadcast_sigma(path.noise_ratio(broadcast_sigma(t, x_t)), x_t))
+
+
+def flow_model_fn(model: nn.Module, params: Any, path: GaussianPath):
+    """The library model ``model_fn(x, sigma)`` ("score", VE) of a flow-matching network (:func:`make_velocity_fn`).
+
+    :func:`dsm_jax.flows.score_model_from_velocity` on the network's velocity:
+    the exact score of ``x = data + sigma eps`` if the velocity is exact, so every
+    sampler and the likelihood of the library run a flow-matching model.
+    """
+    return score_model_from_velocity(make_velocity_fn(model, params, path), path)
+
+
+def make_flow_matching_loss_fn(model: nn.Module, sigmas, *, path: GaussianPath, t_sampling: str = "uniform"):
+    """Flow matching of a Flax module as ``loss_fn(params, x, keys) -> (loss, {"per_sigma_loss": [L]})``.
+
+    :func:`dsm_jax.losses.flow_matching_loss` on :func:`make_velocity_fn`, with
+    the times restricted to the run's noise range: ``t`` from
+    ``path.t_from_noise_ratio(max(sigmas))`` to ``path.t_from_noise_ratio(min(sigmas))``,
+    the levels at which :func:`flow_model_fn` will be queried (and where the
+    network's ``log sigma`` input stays finite). Like :func:`make_edm_loss_fn`
+    it takes one key per example (``loss_fn.accepts_key_batch = True``) and
+    reports the per-example error as the unweighted VE DSM loss
+    (:func:`dsm_jax.losses.flow_matching.dsm_weight`), binned to the nearest
+    level of ``sigmas`` in log scale.
+
+    Args:
+        model: a Flax module called as ``model(x, sigma)``.
+        sigmas: the run's levels ``[L]`` (the training range and the diagnostics' grid).
+        path: the :class:`dsm_jax.flows.GaussianPath`.
+        t_sampling: "uniform" or "logit_normal" (mapped onto the range).
+
+    Returns:
+        ``loss_fn(params, x, keys)``.
+    """
+    check_sigma_schedule(sigmas, decreasing=False)
+    check_path(path)
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    t_range = (float(path.t_from_noise_ratio(jnp.max(sigmas))), float(path.t_from_noise_ratio(jnp.min(sigmas))))
+
+    def loss_fn(params, x, key):
+        loss, per_sigma = flow_matching_loss(
+            make_velocity_fn(model, params, path),
+            x,
+            key,
+            path=path,
+            t_sampling=t_sampling,
+            t_range=t_range,
             sigmas=sigmas,
             return_per_sigma=True,
         )
