@@ -6,7 +6,8 @@ Four trained models, each the run of a preset of ``dsm-jax train``: an NCSN
 digits (``digits`` and ``edm_digits``). Each is sampled with annealed
 Langevin (1 to 100 steps per level), Euler-Maruyama and predictor-corrector
 on the reverse VE SDE, the adaptive probability-flow ODE (Tsit5 at several
-tolerances), and the sigma-grid solvers Euler, Heun (EDM Algorithm 1) and
+tolerances), and the sigma-grid solvers Euler, Heun (EDM Algorithm 1; and
+Algorithm 2, its stochastic version, at S_churn 10 and 40) and
 DPM-Solver++ (2M) on Karras grids spanning the run's sigma range, at budgets
 from 5 to 1000 model evaluations (NFE). Quality: MMD^2 to held-out mixture
 draws over its two-sample floor (toys); the Frechet distance in the digits
@@ -54,6 +55,7 @@ FULL = {
     "euler": [5, 10, 20, 35, 50, 100, 200, 1000],  # levels (NFE = levels)
     "heun": [3, 5, 10, 18, 25, 50, 100, 500],  # levels (NFE = 2 levels - 1)
     "dpmpp": [5, 10, 20, 35, 50, 100, 200],  # levels (NFE = levels)
+    "heun_churn": [10, 40],  # EDM Algorithm 2 on 18 levels (35 NFE): S_churn
 }
 # The digits U-Net runs a lax.scan of convolutions slowly on a CPU: smaller sweeps there.
 # (0.3-0.4 s per evaluation of 297 images here: each sample set of 401 evaluations takes minutes).
@@ -65,8 +67,9 @@ DIGITS = {
     "euler": [10, 35, 100],
     "heun": [5, 10, 18, 50],
     "dpmpp": [5, 10, 20, 35],
+    "heun_churn": [10, 40],
 }
-QUICK = {"ald": [1], "em": [5], "pc": [3], "ode": [1e-1], "euler": [4], "heun": [3], "dpmpp": [4]}
+QUICK = {"ald": [1], "em": [5], "pc": [3], "ode": [1e-1], "euler": [4], "heun": [3], "dpmpp": [4], "heun_churn": [10]}
 
 
 def trained(preset: str, quick: bool):
@@ -143,6 +146,17 @@ def sampler_calls(run, model_fn, budgets: dict):
                     ),
                 )
             )
+    for churn in budgets["heun_churn"]:
+        grid = noise.karras_sigmas(hi, lo, 18)
+        out.append(
+            (
+                "heun_churn",
+                churn,
+                lambda x, key, churn=churn, grid=grid: samplers.heun(
+                    model_fn, x, grid, key, churn=churn, parameterization=p, return_result=True
+                ),
+            )
+        )
     return out
 
 
@@ -208,7 +222,16 @@ def main(argv=None):
     return results
 
 
-MARKERS = {"ald": "o-", "em": "v-", "pc": "s-", "ode": "^-", "euler": "x-", "heun": "D-", "dpmpp": "P-"}
+MARKERS = {
+    "ald": "o-",
+    "em": "v-",
+    "pc": "s-",
+    "ode": "^-",
+    "euler": "x-",
+    "heun": "D-",
+    "dpmpp": "P-",
+    "heun_churn": "*",
+}
 
 
 def plot(results: dict, args) -> None:

@@ -104,7 +104,7 @@ def test_study13_fast_samplers(tmp_path):
     assert set(r) == {"toy_ncsn", "toy_edm", "digits_ncsn", "digits_edm"}
     for case in r.values():
         samplers = {row["sampler"] for row in case["rows"]}
-        assert samplers == {"ald", "em", "pc", "ode", "euler", "heun", "dpmpp"}
+        assert samplers == {"ald", "em", "pc", "ode", "euler", "heun", "dpmpp", "heun_churn"}
         for row in case["rows"]:
             quality = row.get("mmd2", row.get("frechet"))
             assert row["nfe"] > 0 and _finite([quality, row["seconds"]])
