@@ -7,9 +7,16 @@ model signature (optionally with NCSNv2's ``output / sigma``) and
 :func:`edm_model_fn` does so for these networks and :func:`make_edm_loss_fn` trains it.
 """
 
-from dsm_jax.models.apply import init_params, make_dsm_loss_fn, make_edm_loss_fn, make_model_fn, make_score_fn
+from dsm_jax.models.apply import (
+    init_params,
+    make_conditional_model_fn,
+    make_dsm_loss_fn,
+    make_edm_loss_fn,
+    make_model_fn,
+    make_score_fn,
+)
 from dsm_jax.models.covariance import CovarianceMLP
-from dsm_jax.models.embeddings import GaussianFourierEmbedding, SigmaEmbedding, sinusoidal_embedding
+from dsm_jax.models.embeddings import GaussianFourierEmbedding, LabelEmbedding, SigmaEmbedding, sinusoidal_embedding
 from dsm_jax.models.mlp import NoiseConditionalMLP
 from dsm_jax.models.precondition import EDMCoefficients, edm_coefficients, edm_model_fn, edm_precondition
 from dsm_jax.models.unet import UNet
@@ -18,6 +25,7 @@ __all__ = [
     "CovarianceMLP",
     "EDMCoefficients",
     "GaussianFourierEmbedding",
+    "LabelEmbedding",
     "NoiseConditionalMLP",
     "SigmaEmbedding",
     "UNet",
@@ -25,6 +33,7 @@ __all__ = [
     "edm_model_fn",
     "edm_precondition",
     "init_params",
+    "make_conditional_model_fn",
     "make_dsm_loss_fn",
     "make_edm_loss_fn",
     "make_model_fn",
