@@ -118,6 +118,25 @@ def split_labelled_batch(model: nn.Module, batch, key: jax.Array, label_dropout:
     return x, labels
 
 
+def _labelled(model_fn_of_labels, labels):
+    """``model_fn(x, sigma)`` of the batch's ``labels [B]`` (None: ``model_fn_of_labels(None)``).
+
+    The multi-level DSM losses call the model once on ``k`` stacked copies of
+    the batch (``[k B]``, level-major: copy ``i`` is rows ``i B .. (i+1) B``),
+    so a call on ``k B`` rows reads the labels tiled ``k`` times.
+    """
+    if labels is None:
+        return model_fn_of_labels(None)
+
+    def model_fn(x, sigma):
+        n, b = x.shape[0], labels.shape[0]
+        if n % b:
+            raise ValueError(f"a batch of {n} rows is not a stack of copies of the {b} labelled examples.")
+        return model_fn_of_labels(jnp.tile(labels, n // b))(x, sigma)
+
+    return model_fn
+
+
 def _check_label_dropout(label_dropout) -> float:
     value = float(label_dropout)
     if not 0.0 <= value < 1.0:
@@ -199,7 +218,9 @@ def make_dsm_loss_fn(
 
     def loss_fn(params, batch, key):
         x, labels = split_labelled_batch(model, batch, key, label_dropout)
-        model_fn = make_model_fn(model, params, scale_by_sigma=scale_by_sigma, labels=labels)
+        model_fn = _labelled(
+            lambda lab: make_model_fn(model, params, scale_by_sigma=scale_by_sigma, labels=lab), labels
+        )
         loss, per_sigma = multiscale_dsm_loss(
             model_fn,
             x,
@@ -250,7 +271,7 @@ def make_edm_loss_fn(
 
     def loss_fn(params, batch, key):
         x, labels = split_labelled_batch(model, batch, key, label_dropout)
-        denoiser = edm_model_fn(model, params, sigma_data=sigma_data, labels=labels)
+        denoiser = _labelled(lambda lab: edm_model_fn(model, params, sigma_data=sigma_data, labels=lab), labels)
         loss, per_sigma = edm_loss(
             denoiser,
             x,
