@@ -79,6 +79,28 @@ _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
+def _label_list(text: str) -> tuple:
+    """``"0,1,2"`` -> ``(0, 1, 2)``: the argparse ``type=`` of ``--labels``."""
+    try:
+        labels = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        labels = ()
+    if not labels or min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 0 such as 0,1,2, got {text!r}")
+    return labels
+
+
+def _non_negative_float(text: str) -> float:
+    """A finite float >= 0: the argparse ``type=`` of ``--guidance``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0.0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     samplers = list(run_lib.SAMPLERS)
     parser = _Parser(
@@ -162,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="noise levels of the euler, heun and dpmpp samplers: N evaluations, heun 2 N - 1 "
             "(default: the run's grid_steps)",
         )
+        p.add_argument(
+            "--labels",
+            type=_label_list,
+            help="conditional runs: classes to sample, e.g. 0,1,2, cycled over the samples (default: unconditional)",
+        )
+        p.add_argument(
+            "--guidance",
+            type=_non_negative_float,
+            help="classifier-free guidance weight w >= 0 with --labels: (1 + w) s(x | y) - w s(x) (default 0)",
+        )
         if name == "evaluate":
             p.add_argument("--fid-weights", dest="fid_weights", help="FID Inception weights .npz (with --fid-ref)")
             p.add_argument(
@@ -242,6 +274,8 @@ def cmd_sample(args) -> int:
         fid_weights=getattr(args, "fid_weights", None),
         fid_ref=getattr(args, "fid_ref", None),
         fid_force=getattr(args, "fid_force", False),
+        labels=args.labels,
+        guidance=args.guidance,
     )
     return 0
 

@@ -111,7 +111,8 @@ class Dataset:
             (digits: ``(-1, 1)``), None when unbounded.
         description: one line saying what the data is and how it is scaled.
         train_labels: ``[N_train]`` integer labels when the source has them
-            (image class folders, CIFAR, an ``.npz`` ``labels`` array), else None.
+            (image class folders, CIFAR, an ``.npz`` ``labels`` array, the
+            digits' classes, a Gaussian mixture's drawn component), else None.
         test_labels: ``[N_test]`` likewise.
     """
 
@@ -311,7 +312,23 @@ def _toy_dataset(name, sampler, num_train, num_test, seed, distribution, descrip
         test = np.asarray(sampler(jax.random.fold_in(key, 1), num_test), np.float32)
     else:
         test = np.zeros((0,) + train.shape[1:], np.float32)
-    return Dataset(name, train, test, distribution=distribution, description=description)
+    train_labels = test_labels = None
+    if distribution is not None:
+        # The component each point was drawn from (the same key draws the same component as the sampler's).
+        def drawn(k, n):
+            return np.asarray(distribution.sample_with_labels(k, n)[1], np.int64) if n else np.zeros(0, np.int64)
+
+        train_labels = drawn(jax.random.fold_in(key, 0), num_train)
+        test_labels = drawn(jax.random.fold_in(key, 1), num_test)
+    return Dataset(
+        name,
+        train,
+        test,
+        distribution=distribution,
+        description=description,
+        train_labels=train_labels,
+        test_labels=test_labels,
+    )
 
 
 def mixture_dataset(
@@ -548,9 +565,18 @@ def load_dataset(
         return _toy_dataset(name, TOY_DATASETS[name], num_train, num_test, seed, distribution, DATASETS[name])
     if name == "digits":
         num_train, num_test, seed = _check_sizes(num_train, _DIGITS_NUM_TEST if num_test is None else num_test, seed)
-        images, _ = load_digits()
+        images, targets = load_digits()
         train, test = _split(images, num_train, num_test, seed, "the digits")
-        return Dataset(name, train, test, data_range=DIGITS_RANGE, description=DATASETS[name])
+        train_labels, test_labels = _split(targets.astype(np.int64), num_train, num_test, seed, "the digits")
+        return Dataset(
+            name,
+            train,
+            test,
+            data_range=DIGITS_RANGE,
+            description=DATASETS[name],
+            train_labels=train_labels,
+            test_labels=test_labels,
+        )
     if not _looks_like_path(name) and not os.path.exists(name):
         raise ValueError(
             f"unknown dataset {name!r}: choose one of {sorted(DATASETS)} or give a path to a .npy/.npz file, "
@@ -599,6 +625,9 @@ class BatchSource:
         process_index: this process (default ``jax.process_index()``).
         process_count: number of processes (default ``jax.process_count()``).
         name: what to call the data in error messages.
+        labels: ``[N]`` integer labels of ``data``, or None. With labels every
+            batch is ``{"x": [B / P, *D], "labels": [B / P]}`` (the same
+            examples in the same order as without them).
 
     Example:
         >>> source = BatchSource(np.arange(10.0).reshape(10, 1), batch_size=4, seed=0)
@@ -615,10 +644,19 @@ class BatchSource:
         process_index: int | None = None,
         process_count: int | None = None,
         name: str = "the training set",
+        labels: Any = None,
     ):
         self.data = np.asarray(data)
         if self.data.ndim < 1 or self.data.shape[0] == 0:
             raise ValueError(f"{name} must have shape [N, ...] with N >= 1, got shape {self.data.shape}.")
+        self.labels = None if labels is None else np.asarray(labels)
+        if self.labels is not None and (
+            self.labels.shape != self.data.shape[:1] or not np.issubdtype(self.labels.dtype, np.integer)
+        ):
+            raise ValueError(
+                f"labels must be [N]=({self.data.shape[0]},) integers, got shape {self.labels.shape} "
+                f"dtype {self.labels.dtype}."
+            )
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.seed = check_positive_int("seed", seed, minimum=0)
         self.num_examples = self.data.shape[0]
@@ -669,9 +707,12 @@ class BatchSource:
             out[mask] = self._permutation(int(epoch))[offsets[mask]]
         return out
 
-    def batch_at(self, step: int) -> np.ndarray:
-        """This process's part of the global batch of step ``step``, ``[B / P, *D]``."""
-        return self.data[self.indices_at(step)]
+    def batch_at(self, step: int) -> Any:
+        """This process's part of the global batch of step ``step``, ``[B / P, *D]`` (with labels: a dict)."""
+        indices = self.indices_at(step)
+        if self.labels is None:
+            return self.data[indices]
+        return {"x": self.data[indices], "labels": self.labels[indices].astype(np.int32)}
 
     __call__ = batch_at
 

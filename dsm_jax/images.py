@@ -353,6 +353,7 @@ class ImageBatchSource:
         num_workers: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        labels: np.ndarray | None = None,
     ):
         from dsm_jax.data import BatchSource
 
@@ -362,13 +363,14 @@ class ImageBatchSource:
             raise ValueError(f"flip must be True or False, got {flip!r}.")
         self.images = images
         self.flip = flip
-        # Zero bytes per example: only BatchSource's index arithmetic is used, on the same N.
+        # Zero bytes per example: only BatchSource's index arithmetic (and its labels) is used, on the same N.
         self.order = BatchSource(
             np.empty((len(images), 0), np.uint8),
             batch_size,
             seed=seed,
             process_index=process_index,
             process_count=process_count,
+            labels=labels,
         )
         self.batch_size, self.seed = self.order.batch_size, self.order.seed
         self.prefetch = check_positive_int("prefetch", prefetch, minimum=0)
@@ -385,15 +387,18 @@ class ImageBatchSource:
         start = self.order.process_index * self.order.local_batch_size
         return mirrored[start : start + self.order.local_batch_size]
 
-    def _compute(self, step: int) -> np.ndarray:
+    def _compute(self, step: int) -> typing.Any:
         x = self.images[self.order.indices_at(step)]
         if self.flip:
             mirrored = self.flips_at(step)
             x[mirrored] = x[mirrored, :, ::-1]
-        return x
+        return x if self.order.labels is None else {"x": x, "labels": self.order.batch_at(step)["labels"]}
 
-    def batch_at(self, step: int) -> np.ndarray:
-        """This process's part of the global batch of step ``step``, ``[B / P, H, W, C]`` float32."""
+    def batch_at(self, step: int) -> typing.Any:
+        """This process's part of the global batch of step ``step``, ``[B / P, H, W, C]`` float32.
+
+        With ``labels``, ``{"x": images, "labels": [B / P]}`` as :class:`dsm_jax.data.BatchSource`.
+        """
         step = check_positive_int("step", step, minimum=0)
         with self._lock:
             future = self._pending.pop(step, None)
@@ -411,8 +416,12 @@ class ImageBatchSource:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def batch_source(train, batch_size: int, *, seed: int = 0, flip: bool = False) -> Callable[[int], np.ndarray]:
+def batch_source(
+    train, batch_size: int, *, seed: int = 0, flip: bool = False, labels=None
+) -> Callable[[int], typing.Any]:
     """The batch source of a training set: :class:`ImageBatchSource` for images, else a ``BatchSource``.
+
+    ``labels`` (``[N]`` integers) make every batch ``{"x": ..., "labels": ...}``.
 
     Raises:
         ValueError: ``flip=True`` for data that is not an 8-bit image set.
@@ -420,13 +429,13 @@ def batch_source(train, batch_size: int, *, seed: int = 0, flip: bool = False) -
     from dsm_jax.data import BatchSource
 
     if isinstance(train, ImageArray):
-        return ImageBatchSource(train, batch_size, seed=seed, flip=flip)
+        return ImageBatchSource(train, batch_size, seed=seed, flip=flip, labels=labels)
     if flip:
         raise ValueError(
             f"random_flip=True applies to 8-bit image data sets (folders, CIFAR, uint8 arrays), got data of "
             f"shape {tuple(np.shape(train))}."
         )
-    return BatchSource(train, batch_size, seed=seed)
+    return BatchSource(train, batch_size, seed=seed, labels=labels)
 
 
 # ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -149,9 +149,18 @@ class Run:
             "exact_score_known": self.dataset.distribution is not None,
         }
 
-    def model_fn(self, params):
-        """The trained model ``model_fn(x, sigma)``, whose outputs mean ``config.parameterization``."""
-        return LOSSES[self.config.loss].model_fn(self, params)
+    def model_fn(self, params, labels=None):
+        """The trained model ``model_fn(x, sigma)``, whose outputs mean ``config.parameterization``.
+
+        A conditional run (``config.num_classes`` set) reads ``labels [B]``
+        (closed over), or the null label when ``labels`` is None: the
+        unconditional model its label dropout trained.
+        """
+        return LOSSES[self.config.loss].model_fn(self, params, labels)
+
+    def conditional_model_fn(self, params):
+        """``model_fn(x, sigma, labels)`` of a conditional run, for :mod:`dsm_jax.guidance`."""
+        return lambda x, sigma, labels: self.model_fn(params, labels)(x, sigma)
 
 
 # ---------------------------------------------------------------------------
@@ -159,10 +168,14 @@ class Run:
 # ---------------------------------------------------------------------------
 
 
-def _dsm_model_fn(run: Run, params):
+def _label_dropout(cfg: Config) -> float:
+    return cfg.label_dropout if cfg.num_classes is not None else 0.0
+
+
+def _dsm_model_fn(run: Run, params, labels=None):
     from dsm_jax.models import make_model_fn
 
-    return make_model_fn(run.model, params, scale_by_sigma=run.config.scale_by_sigma)
+    return make_model_fn(run.model, params, scale_by_sigma=run.config.scale_by_sigma, labels=labels)
 
 
 def _dsm_loss_fn(run: Run):
@@ -176,13 +189,14 @@ def _dsm_loss_fn(run: Run):
         parameterization=cfg.parameterization,
         sigma_sampling=cfg.sigma_sampling,
         scale_by_sigma=cfg.scale_by_sigma,
+        label_dropout=_label_dropout(cfg),
     )
 
 
-def _edm_model_fn(run: Run, params):
+def _edm_model_fn(run: Run, params, labels=None):
     from dsm_jax.models import edm_model_fn
 
-    return edm_model_fn(run.model, params, sigma_data=run.config.sigma_data)
+    return edm_model_fn(run.model, params, sigma_data=run.config.sigma_data, labels=labels)
 
 
 def _edm_loss_fn(run: Run):
@@ -190,7 +204,12 @@ def _edm_loss_fn(run: Run):
 
     cfg = run.config
     return make_edm_loss_fn(
-        run.model, jnp.asarray(run.sigmas), sigma_data=cfg.sigma_data, p_mean=cfg.p_mean, p_std=cfg.p_std
+        run.model,
+        jnp.asarray(run.sigmas),
+        sigma_data=cfg.sigma_data,
+        p_mean=cfg.p_mean,
+        p_std=cfg.p_std,
+        label_dropout=_label_dropout(cfg),
     )
 
 
@@ -219,7 +238,8 @@ class TrainingLoss(NamedTuple):
         meaning: what the name stands for (``--list-keys``).
         make: ``make(run) -> loss_fn(params, x, keys) -> (loss, {"per_sigma_loss": [L]})``, the
             training loss of :func:`dsm_jax.train.train`, reporting the unweighted DSM loss per grid level.
-        model_fn: ``model_fn(run, params) -> model_fn(x, sigma)``: the trained network as a model.
+        model_fn: ``model_fn(run, params, labels) -> model_fn(x, sigma)``: the trained network as a model
+            (``labels``: a conditional network's ``[B]`` labels, or None).
         parameterization: what that model outputs whatever the config says (None: ``config.parameterization``).
     """
 
@@ -338,6 +358,24 @@ def fit_to_data(cfg: Config, shape: Sequence[int], user_set=frozenset()) -> tupl
     )
 
 
+def _check_num_classes(cfg: Config, dataset: Dataset) -> None:
+    """``num_classes`` set needs labels ``0..num_classes-1`` in the training set; a UserError otherwise."""
+    if cfg.num_classes is None:
+        return
+    labels = dataset.train_labels
+    if labels is None:
+        raise UserError(
+            f"num_classes={cfg.num_classes} needs a labelled dataset; {cfg.dataset!r} has no labels (labelled: "
+            "digits, the Gaussian-mixture toys, image class folders, CIFAR, an .npz with a 'labels' array)."
+        )
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high + 1 != cfg.num_classes:
+        raise UserError(
+            f"num_classes={cfg.num_classes} does not match the labels of {cfg.dataset!r}, which run from {low} "
+            f"to {high}: pass --set num_classes={high + 1}."
+        )
+
+
 def build_run(cfg: Config, *, user_set=None) -> Run:
     """Loads the data, builds the model, resolves sigma_max and the Langevin step.
 
@@ -360,6 +398,7 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
             f"batch_size={cfg.batch_size} exceeds the {dataset.train.shape[0]} training examples of "
             f"{cfg.dataset!r}; pass --set batch_size=N with a smaller N."
         )
+    _check_num_classes(cfg, dataset)
     if cfg.model == "unet":
         if len(dataset.shape) != 3:
             raise UserError(
@@ -379,10 +418,16 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
             attention_resolutions=cfg.attention_resolutions,
             embedding=cfg.embedding,
             dtype=cfg.dtype,
+            num_classes=cfg.num_classes,
         )
     else:
         model = NoiseConditionalMLP(
-            width=cfg.width, depth=cfg.depth, embedding=cfg.embedding, fourier_scale=cfg.fourier_scale, dtype=cfg.dtype
+            width=cfg.width,
+            depth=cfg.depth,
+            embedding=cfg.embedding,
+            fourier_scale=cfg.fourier_scale,
+            dtype=cfg.dtype,
+            num_classes=cfg.num_classes,
         )
     sigma_max = cfg.sigma_max if cfg.sigma_max is not None else float(noise.ncsnv2_sigma_max(dataset.train))
     if sigma_max <= cfg.sigma_min:
@@ -625,11 +670,50 @@ def describe_samplers() -> str:
 # ---------------------------------------------------------------------------
 
 
-def draw_samples(run: Run, params, key: jax.Array, num: int, sampler: str):
-    """``(samples [num, *D] numpy, nfe)``: ``num`` draws of ``SAMPLERS[sampler]`` with the run's model."""
+def sample_labels(run: Run, labels, num: int) -> np.ndarray | None:
+    """``[num]`` labels: ``labels`` cycled over the samples (None: None); ValueError for a bad label.
+
+    Example: ``labels=(0, 1, 2)``, ``num=5`` -> ``[0, 1, 2, 0, 1]``.
+    """
+    if labels is None:
+        return None
+    k = run.config.num_classes
+    if k is None:
+        raise ValueError("labels were given for an unconditional run (num_classes=None): train with num_classes=K.")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty list of integers, got {labels.tolist()!r}.")
+    if labels.min() < 0 or labels.max() >= k:
+        raise ValueError(f"labels must lie in 0..{k - 1} (num_classes={k}), got {labels.tolist()!r}.")
+    return np.resize(labels, num).astype(np.int32)
+
+
+def draw_samples(run: Run, params, key: jax.Array, num: int, sampler: str, *, labels=None, guidance: float = 0.0):
+    """``(samples [num, *D] numpy, nfe)``: ``num`` draws of ``SAMPLERS[sampler]`` with the run's model.
+
+    ``labels`` (a conditional run): the requested classes, cycled over the
+    samples (:func:`sample_labels`), drawn with classifier-free guidance of
+    weight ``guidance`` (:func:`dsm_jax.guidance.classifier_free`; 0 is the
+    conditional model). Without labels a conditional run samples its
+    unconditional (null-label) model.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}.")
-    samples, nfe = SAMPLERS[sampler].draw(run, run.model_fn(params), key, (num,) + run.dataset.shape)
+    cycled = sample_labels(run, labels, num)
+    if cycled is None:
+        if guidance:
+            raise ValueError(f"guidance={guidance!r} needs labels.")
+        model_fn = run.model_fn(params)
+    else:
+        from dsm_jax.guidance import classifier_free
+
+        model_fn = classifier_free(
+            run.conditional_model_fn(params),
+            jnp.asarray(cycled),
+            guidance,
+            null_label=cast(int, run.config.num_classes),
+        )
+    samples, nfe = SAMPLERS[sampler].draw(run, model_fn, key, (num,) + run.dataset.shape)
     return np.asarray(jax.block_until_ready(samples)), int(nfe)
 
 
@@ -680,11 +764,15 @@ def evaluate(run: Run, params, samples: np.ndarray, key: jax.Array) -> dict:
     return out
 
 
-def write_figures(run: Run, params, samples: np.ndarray, workdir, *, sampler: str, stem: str = "samples") -> list:
+def write_figures(
+    run: Run, params, samples: np.ndarray, workdir, *, sampler: str, stem: str = "samples", labels=None
+) -> list:
     """PNG figures titled by the ``sampler`` that drew ``samples``; skipped with a notice without matplotlib.
 
     ``stem="samples"`` (the training run's record) also draws the score field
-    (2-D) and the loss curves. Returns the names of the files written.
+    (2-D) and the loss curves. With ``labels`` (``[N]``, the class of each
+    sample) an image grid has one row per requested class. Returns the names
+    of the files written.
     """
     try:
         import matplotlib  # noqa: F401
@@ -720,6 +808,19 @@ def write_figures(run: Run, params, samples: np.ndarray, workdir, *, sampler: st
                 path=workdir / "score_field.png",
             )
             written.append("score_field.png")
+    elif len(run.dataset.shape) == 3 and labels is not None:
+        classes = list(dict.fromkeys(np.asarray(labels).tolist()))  # requested order, each once
+        per_class = min(int(np.sum(labels == c)) for c in classes)
+        per_class = min(per_class, max(1, 64 // len(classes)))
+        rows = [samples[labels == c][:per_class] for c in classes]
+        plotting.plot_image_grid(
+            np.clip(np.concatenate(rows), lo, hi),
+            ncols=per_class,
+            data_range=(lo, hi),
+            title=f"samples ({sampler}), one row per class {', '.join(map(str, classes))}",
+            path=workdir / f"{stem}.png",
+        )
+        written.append(f"{stem}.png")
     elif len(run.dataset.shape) == 3:
         num = min(64, samples.shape[0])
         plotting.plot_image_grid(
@@ -752,10 +853,14 @@ def sample_and_evaluate(
     stem: str = "samples",
     metrics_name: str = "metrics.json",
     extra_metrics: Callable[[np.ndarray], dict] | None = None,
+    labels=None,
+    guidance: float = 0.0,
 ) -> dict:
     """Samples, evaluates and writes ``<stem>.npz``, ``metrics_name`` and the figures (:func:`write_figures`).
 
     ``extra_metrics(samples) -> dict`` adds to the metrics (the FID of ``evaluate --fid-weights``).
+    ``labels`` and ``guidance``: class-conditional sampling (:func:`draw_samples`); the ``.npz``
+    then also holds each sample's ``labels``.
 
     The sampling key is ``fold_in(key(seed), 1_000_003)``, a stream disjoint
     from the training steps'. Returns the metrics, with ``"files"``: the names
@@ -769,7 +874,8 @@ def sample_and_evaluate(
     k_sample, k_eval = jax.random.split(key)
     say(f"sampling {num} examples with {sampler} ({SAMPLERS[sampler].describe(run)}) ...")
     t0 = time.perf_counter()
-    samples, nfe = draw_samples(run, params, k_sample, num, sampler)
+    samples, nfe = draw_samples(run, params, k_sample, num, sampler, labels=labels, guidance=guidance)
+    cycled = sample_labels(run, labels, num)
     seconds = time.perf_counter() - t0
     if not np.isfinite(samples).any():
         raise UserError(
@@ -780,30 +886,41 @@ def sample_and_evaluate(
     if extra_metrics is not None:
         results.update(extra_metrics(samples))
     results.update(sampler=sampler, nfe=nfe, sampling_seconds=round(seconds, 3), seed=seed)
+    extra_arrays = {}
+    if cycled is not None:
+        results.update(labels=sorted(set(cycled.tolist())), guidance=float(guidance))
+        extra_arrays = {"labels": cycled, "guidance": float(guidance)}
     files = []
     if jax.process_index() == 0:
         write_atomic(
             workdir / f"{stem}.npz",
-            lambda p: np.savez(open(p, "wb"), samples=samples, nfe=nfe, sampler=sampler, seed=seed),
+            lambda p: np.savez(open(p, "wb"), samples=samples, nfe=nfe, sampler=sampler, seed=seed, **extra_arrays),
         )
         _write_json(workdir / metrics_name, results)
-        files = [f"{stem}.npz", metrics_name] + write_figures(run, params, samples, workdir, sampler=sampler, stem=stem)
+        files = [f"{stem}.npz", metrics_name] + write_figures(
+            run, params, samples, workdir, sampler=sampler, stem=stem, labels=cycled
+        )
     results["files"] = files
     return results
 
 
-def output_names(cfg: Config, sampler: str, num: int, seed: int, *, evaluate: bool) -> dict:
+def output_names(
+    cfg: Config, sampler: str, num: int, seed: int, *, evaluate: bool, labels=None, guidance: float = 0.0
+) -> dict:
     """The ``stem`` and ``metrics_name`` of :func:`sample_and_evaluate` for ``sample`` and ``evaluate``.
 
     * ``sample``: ``samples_<sampler>_n<num>_seed<seed>.npz``, ``..._metrics.json`` and ``.png``.
     * ``evaluate`` with the training run's sampler, size and seed: ``{}``, the
       run's own record (``samples.npz``, ``metrics.json``, the figures); with
       any other: ``eval_<sampler>_n<num>_seed<seed>.json``, ``.npz`` and ``.png``.
+    * ``labels`` (conditional sampling) add ``_labels<0-1-2>_g<guidance>`` to the tag.
     """
     tag = f"{sampler}_n{num}_seed{seed}"
+    if labels is not None:
+        tag += f"_labels{'-'.join(str(int(v)) for v in labels)}_g{guidance:g}"
     if not evaluate:
         return {"stem": f"samples_{tag}", "metrics_name": f"samples_{tag}_metrics.json"}
-    if (sampler, num, seed) != (cfg.sampler, cfg.num_samples, cfg.seed):
+    if labels is not None or (sampler, num, seed) != (cfg.sampler, cfg.num_samples, cfg.seed):
         return {"stem": f"eval_{tag}", "metrics_name": f"eval_{tag}.json"}
     return {}
 
@@ -1120,7 +1237,10 @@ def train_and_sample(
         loss_fn = LOSSES[cfg.loss].make(run)
         optimizer = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, grad_clip_norm=cfg.grad_clip_norm)
         try:
-            batches = batch_source(run.dataset.train, cfg.batch_size, seed=cfg.seed, flip=cfg.random_flip)
+            labels = run.dataset.train_labels if cfg.num_classes is not None else None
+            batches = batch_source(
+                run.dataset.train, cfg.batch_size, seed=cfg.seed, flip=cfg.random_flip, labels=labels
+            )
         except ValueError as err:
             raise UserError(str(err)) from None
         on_phase(PREPARING)
@@ -1247,8 +1367,13 @@ def sample_workdir(
     fid_weights=None,
     fid_ref=None,
     fid_force: bool = False,
+    labels=None,
+    guidance: float | None = None,
 ) -> dict:
     """``dsm-jax sample`` (``evaluate=False``) and ``evaluate``: files named by :func:`output_names`.
+
+    ``labels`` (a conditional run's classes, cycled over the samples) and
+    ``guidance`` (the classifier-free weight, default 0): ``sample --labels 0,1,2 --guidance 2``.
 
     ``fid_weights`` and ``fid_ref`` (together) add the FID (:func:`fid_metric`).
 
@@ -1273,7 +1398,14 @@ def sample_workdir(
         sampler = sampler or cfg.sampler
         num = cfg.num_samples if num is None else num
         seed = cfg.seed if seed is None else seed
-        names = output_names(cfg, sampler, num, seed, evaluate=evaluate)
+        if guidance is not None and labels is None:
+            raise UserError(f"--guidance {guidance:g} needs --labels (the classes to guide towards).")
+        guidance = 0.0 if guidance is None else guidance
+        try:
+            sample_labels(run, labels, num)
+        except ValueError as err:
+            raise UserError(f"--labels: {err}") from None
+        names = output_names(cfg, sampler, num, seed, evaluate=evaluate, labels=labels, guidance=guidance)
         extra = fid_metric(run, num, fid_weights, fid_ref, force=fid_force)
         previous = None
         if evaluate and names:
@@ -1286,7 +1418,16 @@ def sample_workdir(
         on_phase(SAMPLING)
         results = call_interruptibly(
             lambda: sample_and_evaluate(
-                run, params, workdir, num=num, sampler=sampler, seed=seed, extra_metrics=extra, **names
+                run,
+                params,
+                workdir,
+                num=num,
+                sampler=sampler,
+                seed=seed,
+                extra_metrics=extra,
+                labels=labels,
+                guidance=guidance,
+                **names,
             ),
             message=_sampling_interrupted_line(command, workdir),
             cleanups=_interrupt_cleanups(workdir, lock),

@@ -10,6 +10,7 @@ model signature (optionally with NCSNv2's ``output / sigma``) and
 from dsm_jax.models.apply import (
     flow_model_fn,
     init_params,
+    make_conditional_model_fn,
     make_dsm_loss_fn,
     make_edm_loss_fn,
     make_flow_matching_loss_fn,
@@ -18,7 +19,7 @@ from dsm_jax.models.apply import (
     make_velocity_fn,
 )
 from dsm_jax.models.covariance import CovarianceMLP
-from dsm_jax.models.embeddings import GaussianFourierEmbedding, SigmaEmbedding, sinusoidal_embedding
+from dsm_jax.models.embeddings import GaussianFourierEmbedding, LabelEmbedding, SigmaEmbedding, sinusoidal_embedding
 from dsm_jax.models.mlp import NoiseConditionalMLP
 from dsm_jax.models.precondition import EDMCoefficients, edm_coefficients, edm_model_fn, edm_precondition
 from dsm_jax.models.unet import UNet
@@ -27,6 +28,7 @@ __all__ = [
     "CovarianceMLP",
     "EDMCoefficients",
     "GaussianFourierEmbedding",
+    "LabelEmbedding",
     "NoiseConditionalMLP",
     "SigmaEmbedding",
     "UNet",
@@ -35,6 +37,7 @@ __all__ = [
     "edm_precondition",
     "flow_model_fn",
     "init_params",
+    "make_conditional_model_fn",
     "make_dsm_loss_fn",
     "make_edm_loss_fn",
     "make_flow_matching_loss_fn",

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from dsm_jax._checks import check_choice, check_sigma_schedule
 from dsm_jax.flows import GaussianPath, check_path, score_model_from_velocity
-from dsm_jax.losses import SIGMA_SAMPLING, edm_loss, flow_matching_loss, multiscale_dsm_loss
+from dsm_jax.losses import SIGMA_SAMPLING, edm_loss, flow_matching_loss, is_key_batch, multiscale_dsm_loss
 from dsm_jax.models.precondition import edm_model_fn
 from dsm_jax.noise import Weighting, get_weighting
 from dsm_jax.parameterization import as_score_fn, broadcast_sigma, check_parameterization, expand_to
@@ -42,13 +42,16 @@ def init_params(model: nn.Module, key: jax.Array, x: jax.Array) -> Any:
     return lowered.compile(compiler_options=options)(key)
 
 
-def make_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False):
+def make_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False, labels=None):
     """``model_fn(x, sigma) = model.apply(params, x, sigma)``, optionally divided by sigma.
 
     Args:
         model: a Flax linen module called as ``model(x, sigma)`` with ``sigma: [B]``.
         params: its ``"params"`` collection.
         scale_by_sigma: return ``output / sigma`` (NCSNv2).
+        labels: for a conditional module (``num_classes`` set), the ``[B]``
+            labels closed over: ``model.apply(params, x, sigma, labels)``. None
+            calls ``model(x, sigma)`` (a conditional module then reads the null label).
 
     Returns:
         ``model_fn(x, sigma) -> [B, *D]``; ``sigma`` may be a scalar or ``[B]``.
@@ -64,12 +67,82 @@ def make_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False
 
     def model_fn(x, sigma):
         sigma = broadcast_sigma(sigma, x)
-        out = cast(jax.Array, model.apply({"params": params}, x, sigma))  # one output, no mutable collections
+        args = (x, sigma) if labels is None else (x, sigma, labels)
+        out = cast(jax.Array, model.apply({"params": params}, *args))  # one output, no mutable collections
         if scale_by_sigma:
             out = out / expand_to(sigma, out)
         return out
 
     return model_fn
+
+
+def make_conditional_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False):
+    """``model_fn(x, sigma, labels)`` of a conditional module, for :mod:`dsm_jax.guidance`.
+
+    :func:`make_model_fn` with the labels as the third argument; the null
+    label is ``model.num_classes``.
+    """
+    return lambda x, sigma, labels: make_model_fn(model, params, scale_by_sigma=scale_by_sigma, labels=labels)(x, sigma)
+
+
+LABEL_DROPOUT_STREAM = 0x1ABE1
+"""``fold_in`` constant of the per-example key that draws label dropout (apart from the loss's own draws)."""
+
+
+def split_labelled_batch(model: nn.Module, batch, key: jax.Array, label_dropout: float):
+    """``(x, labels)`` of a training batch: ``x`` alone gives ``(x, None)``.
+
+    A labelled batch is ``{"x": [B, *D], "labels": [B]}`` (see
+    :class:`dsm_jax.data.BatchSource`). Label dropout replaces each label by
+    the null label ``model.num_classes`` with probability ``label_dropout``,
+    drawn with ``fold_in(key_j, LABEL_DROPOUT_STREAM)`` of the example's key
+    (one key for the batch: ``B`` draws from it), so one network learns
+    both ``s(x | y)`` and ``s(x)`` (Ho & Salimans 2022).
+
+    Raises:
+        ValueError: labels for a module without ``num_classes``.
+    """
+    if not isinstance(batch, dict):
+        return batch, None
+    x, labels = batch["x"], batch["labels"]
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        raise ValueError("a labelled batch needs a conditional model (num_classes set), got num_classes=None.")
+    if label_dropout > 0:
+        if is_key_batch(key):
+            drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, LABEL_DROPOUT_STREAM), label_dropout))(
+                key
+            )
+        else:
+            drop = jax.random.bernoulli(jax.random.fold_in(key, LABEL_DROPOUT_STREAM), label_dropout, labels.shape)
+        labels = jnp.where(drop, num_classes, labels)
+    return x, labels
+
+
+def _labelled(model_fn_of_labels, labels):
+    """``model_fn(x, sigma)`` of the batch's ``labels [B]`` (None: ``model_fn_of_labels(None)``).
+
+    The multi-level DSM losses call the model once on ``k`` stacked copies of
+    the batch (``[k B]``, level-major: copy ``i`` is rows ``i B .. (i+1) B``),
+    so a call on ``k B`` rows reads the labels tiled ``k`` times.
+    """
+    if labels is None:
+        return model_fn_of_labels(None)
+
+    def model_fn(x, sigma):
+        n, b = x.shape[0], labels.shape[0]
+        if n % b:
+            raise ValueError(f"a batch of {n} rows is not a stack of copies of the {b} labelled examples.")
+        return model_fn_of_labels(jnp.tile(labels, n // b))(x, sigma)
+
+    return model_fn
+
+
+def _check_label_dropout(label_dropout) -> float:
+    value = float(label_dropout)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout!r}.")
+    return value
 
 
 def make_score_fn(
@@ -94,6 +167,7 @@ def make_dsm_loss_fn(
     parameterization: str = "score",
     sigma_sampling: str = "stratified",
     scale_by_sigma: bool = False,
+    label_dropout: float = 0.0,
 ):
     """Multi-scale DSM of a Flax module as ``loss_fn(params, x, keys) -> (loss, {"per_sigma_loss": [L]})``.
 
@@ -128,18 +202,26 @@ def make_dsm_loss_fn(
         weighting, parameterization, sigma_sampling: as in
             :func:`dsm_jax.losses.multiscale_dsm_loss`.
         scale_by_sigma: NCSNv2's ``output / sigma`` (see :func:`make_model_fn`).
+        label_dropout: for labelled batches ``{"x", "labels"}`` of a
+            conditional module, the probability of the null label (see
+            :func:`split_labelled_batch`); the labels are closed over in the
+            model, so the DSM loss itself is unchanged.
 
     Returns:
         ``loss_fn(params, x, keys)``.
     """
+    label_dropout = _check_label_dropout(label_dropout)
     check_sigma_schedule(sigmas, decreasing=False, monotone=sigma_sampling == "stratified")
     check_parameterization(parameterization)
     check_choice("sigma_sampling", sigma_sampling, SIGMA_SAMPLING)
     get_weighting(weighting)
     sigmas = jnp.asarray(sigmas, jnp.float32)
 
-    def loss_fn(params, x, key):
-        model_fn = make_model_fn(model, params, scale_by_sigma=scale_by_sigma)
+    def loss_fn(params, batch, key):
+        x, labels = split_labelled_batch(model, batch, key, label_dropout)
+        model_fn = _labelled(
+            lambda lab: make_model_fn(model, params, scale_by_sigma=scale_by_sigma, labels=lab), labels
+        )
         loss, per_sigma = multiscale_dsm_loss(
             model_fn,
             x,
@@ -163,6 +245,7 @@ def make_edm_loss_fn(
     sigma_data: float = 0.5,
     p_mean: float = -1.2,
     p_std: float = 1.2,
+    label_dropout: float = 0.0,
 ):
     """EDM training of a Flax module as ``loss_fn(params, x, keys) -> (loss, {"per_sigma_loss": [L]})``.
 
@@ -178,15 +261,18 @@ def make_edm_loss_fn(
         model: a Flax module called as ``model(x, sigma)``.
         sigmas: the levels ``[L]`` of the diagnostics (the run's sampling grid).
         sigma_data, p_mean, p_std: as in :func:`dsm_jax.losses.edm_loss`.
+        label_dropout: as in :func:`make_dsm_loss_fn`, for labelled batches.
 
     Returns:
         ``loss_fn(params, x, keys)``.
     """
+    label_dropout = _check_label_dropout(label_dropout)
     check_sigma_schedule(sigmas, decreasing=False)
     sigmas = jnp.asarray(sigmas, jnp.float32)
 
-    def loss_fn(params, x, key):
-        denoiser = edm_model_fn(model, params, sigma_data=sigma_data)
+    def loss_fn(params, batch, key):
+        x, labels = split_labelled_batch(model, batch, key, label_dropout)
+        denoiser = _labelled(lambda lab: edm_model_fn(model, params, sigma_data=sigma_data, labels=lab), labels)
         loss, per_sigma = edm_loss(
             denoiser,
             x,

@@ -127,3 +127,47 @@ class SigmaEmbedding(nn.Module):
             emb = sinusoidal_embedding(v, self.embed_dim)
         emb = nn.Dense(self.features, dtype=self.dtype)(emb)
         return nn.Dense(self.features, dtype=self.dtype)(nn.silu(emb))
+
+
+def null_labels(labels: jax.Array | None, batch: int, num_classes: int) -> jax.Array:
+    """``labels [B]`` as int32, or ``[B]`` copies of the null label ``num_classes`` when None.
+
+    Raises:
+        ValueError: ``labels`` is given but is not ``[batch]`` integers.
+    """
+    if labels is None:
+        return jnp.full((batch,), num_classes, jnp.int32)
+    if jnp.shape(labels) != (batch,) or not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(
+            f"labels must be [B]=({batch},) integers, got shape {jnp.shape(labels)} dtype {jnp.result_type(labels)}."
+        )
+    return jnp.asarray(labels, jnp.int32)
+
+
+class LabelEmbedding(nn.Module):
+    """``labels [B] -> [B, features]``: a learned vector per class plus one for the null label.
+
+    ``nn.Embed`` with ``num_classes + 1`` rows: rows ``0..num_classes-1`` are
+    the classes, row ``num_classes`` the reserved *null label* ("no label"),
+    which a network trained with label dropout reads as the unconditional
+    model (Ho & Salimans 2022). The networks add it to the sigma embedding.
+
+    Attributes:
+        num_classes: number of classes ``K`` (the null label is ``K``).
+        features: output size (the sigma embedding's).
+
+    Reference:
+        Ho & Salimans, "Classifier-free diffusion guidance", arXiv 2207.12598 (2022).
+    """
+
+    num_classes: int
+    features: int = 128
+
+    def __post_init__(self):
+        check_positive_int("num_classes", self.num_classes)
+        check_positive_int("features", self.features)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, labels: jax.Array) -> jax.Array:
+        return nn.Embed(self.num_classes + 1, self.features)(labels)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from dsm_jax._checks import check_positive_int
 from dsm_jax.models._inputs import check_inputs
-from dsm_jax.models.embeddings import SigmaEmbedding
+from dsm_jax.models.embeddings import LabelEmbedding, SigmaEmbedding, null_labels
 
 _zeros = nn.initializers.zeros
 
@@ -43,7 +43,7 @@ class ResidualBlock(nn.Module):
 
 
 class NoiseConditionalMLP(nn.Module):
-    """Residual MLP conditioned on the noise level: ``(x [B, *D], sigma [B]) -> [B, *D]``.
+    """Residual MLP conditioned on the noise level (and a label): ``(x [B, *D], sigma [B]) -> [B, *D]``.
 
     Attributes:
         width: hidden size.
@@ -68,6 +68,12 @@ class NoiseConditionalMLP(nn.Module):
             outputs 0; common for diffusion networks, keeps early steps stable).
         dtype: compute dtype of the layers (float32, or bfloat16 for mixed
             precision); the parameters are float32 either way.
+        num_classes: None (an unconditional model; its parameters and
+            checkpoints are those of a model without this attribute) or the
+            number of classes ``K``: the model is ``model(x, sigma, labels)``
+            with ``labels [B]`` in ``0..K`` (``K`` the null label, also used
+            when ``labels`` is None) and a :class:`LabelEmbedding` added to the
+            sigma embedding.
 
     Example:
         >>> import jax.numpy as jnp
@@ -85,16 +91,23 @@ class NoiseConditionalMLP(nn.Module):
     fourier_scale: float = 1.0
     zero_init_output: bool = True
     dtype: Any = jnp.float32
+    num_classes: int | None = None
 
     def __post_init__(self):
         check_positive_int("width", self.width)
         check_positive_int("depth", self.depth, minimum=0)
+        if self.num_classes is not None:
+            check_positive_int("num_classes", self.num_classes)
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, sigma: jax.Array, labels: jax.Array | None = None) -> jax.Array:
         check_inputs(x, sigma, min_ndim=2)
         emb = SigmaEmbedding(self.width, self.embed_dim, self.embedding, self.fourier_scale, dtype=self.dtype)(sigma)
+        if self.num_classes is not None:
+            emb = emb + LabelEmbedding(self.num_classes, self.width)(null_labels(labels, x.shape[0], self.num_classes))
+        elif labels is not None:
+            raise ValueError("labels were given to an unconditional model (num_classes=None).")
         flat = x.reshape(x.shape[0], -1)
         h = nn.Dense(self.width, dtype=self.dtype)(flat)
         for _ in range(self.depth):

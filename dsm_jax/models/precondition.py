@@ -109,17 +109,20 @@ def edm_precondition(apply_fn: Callable[[jax.Array, jax.Array], jax.Array], sigm
     return denoiser
 
 
-def edm_model_fn(model: nn.Module, params: Any, *, sigma_data: float = 0.5):
+def edm_model_fn(model: nn.Module, params: Any, *, sigma_data: float = 0.5, labels=None):
     """:func:`edm_precondition` of a library network ``model(x, sigma)`` (which embeds ``log sigma`` itself).
 
     ``F(x, c_noise) = model.apply(params, x, exp(c_noise))``: the network's
     embedding of ``log`` of its second input sees ``c_noise`` (module docstring).
+    ``labels`` (a conditional network's ``[B]`` labels) are closed over:
+    ``model.apply(params, x, exp(c_noise), labels)``.
 
     Returns:
         ``denoiser(x, sigma)``, ``parameterization="x0"``.
     """
 
     def apply_fn(x, c_noise):
-        return cast(jax.Array, model.apply({"params": params}, x, jnp.exp(c_noise)))
+        args = (x, jnp.exp(c_noise)) if labels is None else (x, jnp.exp(c_noise), labels)
+        return cast(jax.Array, model.apply({"params": params}, *args))
 
     return edm_precondition(apply_fn, sigma_data)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from dsm_jax._checks import check_positive_int
 from dsm_jax.models._inputs import check_inputs
-from dsm_jax.models.embeddings import SigmaEmbedding
+from dsm_jax.models.embeddings import LabelEmbedding, SigmaEmbedding, null_labels
 
 
 class ConditionalResBlock(nn.Module):
@@ -87,6 +87,10 @@ class UNet(nn.Module):
         zero_init_output: start the output convolution at zero.
         dtype: compute dtype of the layers (float32, or bfloat16 for mixed
             precision); the parameters are float32 either way.
+        num_classes: None (unconditional; parameters unchanged) or ``K``:
+            ``model(x, sigma, labels)`` with a :class:`LabelEmbedding` of
+            ``labels [B]`` in ``0..K`` (``K``, the default, the null label)
+            added to the sigma embedding, as :class:`NoiseConditionalMLP`.
 
     Example:
         >>> model = UNet(channels=16, channel_mults=(1, 2))
@@ -106,6 +110,7 @@ class UNet(nn.Module):
     embed_dim: int = 64
     zero_init_output: bool = True
     dtype: Any = jnp.float32
+    num_classes: int | None = None
 
     def __post_init__(self):
         check_positive_int("channels", self.channels)
@@ -121,7 +126,7 @@ class UNet(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, sigma: jax.Array, labels: jax.Array | None = None) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"x must be channels-last images [B, H, W, C], got shape {x.shape}.")
         check_inputs(x, sigma, min_ndim=4)
@@ -132,6 +137,12 @@ class UNet(nn.Module):
                 f"for channel_mults={tuple(self.channel_mults)}."
             )
         emb = SigmaEmbedding(4 * self.channels, self.embed_dim, self.embedding, dtype=self.dtype)(sigma)
+        if self.num_classes is not None:
+            check_positive_int("num_classes", self.num_classes)
+            lab = null_labels(labels, x.shape[0], self.num_classes)
+            emb = emb + LabelEmbedding(self.num_classes, 4 * self.channels)(lab)
+        elif labels is not None:
+            raise ValueError("labels were given to an unconditional model (num_classes=None).")
         block = lambda mult: ConditionalResBlock(self.channels * mult, self.groups, dtype=self.dtype)
         attend = lambda h: (
             AttentionBlock(self.num_heads, self.groups, dtype=self.dtype)(h)
