@@ -189,6 +189,10 @@ class Config:
         finite = isinstance(self.p_mean, (int, float)) and abs(self.p_mean) < float("inf")
         if isinstance(self.p_mean, bool) or not finite:
             raise ValueError(f"p_mean must be a finite number, got {self.p_mean!r}.")
+        if self.loss == "flow_matching" and self.num_classes is not None:
+            raise ValueError(
+                f"num_classes={self.num_classes!r} needs loss='dsm' or 'edm': flow-matching runs are unconditional."
+            )
         if self.parameterization == "v":
             raise ValueError(
                 "parameterization='v' is defined for variance-preserving noising only; the command's runs use "

@@ -219,9 +219,11 @@ def _flow_path(run: Run):
     return get_path(run.config.path)
 
 
-def _flow_model_fn(run: Run, params):
+def _flow_model_fn(run: Run, params, labels=None):
     from dsm_jax.models import flow_model_fn
 
+    if labels is not None:
+        raise UserError("loss='flow_matching' trains unconditional velocity models; --labels needs loss=dsm or edm.")
     return flow_model_fn(run.model, params, _flow_path(run))
 
 

@@ -36,6 +36,9 @@ def test_model_and_loss_defaults_are_the_cli_defaults():
         for k, p in inspect.signature(make_dsm_loss_fn).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
+    # Label dropout acts on labelled batches only: none in the library's loss, Config.label_dropout for the
+    # command's conditional runs (num_classes set).
+    assert defaults.pop("label_dropout") == 0.0 and cfg.num_classes is None
     assert defaults == {
         "weighting": cfg.weighting,
         "parameterization": cfg.parameterization,

@@ -471,7 +471,7 @@ def test_a_checkpoint_of_another_training_config_is_a_user_error(run_copy, capsy
 
 
 def test_samples_that_all_diverged_are_reported_as_such(run_copy, monkeypatch, capsys):
-    def diverged(run, params, key, num, sampler):
+    def diverged(run, params, key, num, sampler, **kwargs):
         return np.full((num,) + run.dataset.shape, np.nan, np.float32), 1
 
     monkeypatch.setattr(run_lib, "draw_samples", diverged)
