@@ -350,7 +350,10 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
             attention_resolutions=cfg.attention_resolutions,
             embedding=cfg.embedding,
             dtype=cfg.dtype,
+            dropout=cfg.dropout,
         )
+    elif cfg.dropout > 0:
+        raise UserError(f"dropout={cfg.dropout:g} needs model='unet' (the MLP has no dropout); --set dropout=0.")
     else:
         model = NoiseConditionalMLP(
             width=cfg.width, depth=cfg.depth, embedding=cfg.embedding, fourier_scale=cfg.fourier_scale, dtype=cfg.dtype
