@@ -10,7 +10,7 @@ shares, not as absolute times. Workloads: ``dsm_step`` (the library's DSM
 train step), ``explicit_sm`` (its explicit SM step), ``langevin`` (annealed
 Langevin, 10 x 100 steps), ``multiscale`` (the L = 10 loss and gradient),
 ``unet_step`` (the U-Net step of ``bench_unet_torch.py``; ``--dim`` is the
-index of its size, ``--batch`` the batch).
+number of its size, 1 to 3, ``--batch`` the batch).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _unet_step(b: Bench, index: int, batch: int):
     from dsm_jax.models import UNet, init_params
     from dsm_jax.train import create_train_state
 
-    _, spec, size, cin, _, _ = unet.SIZES[index]
+    _, spec, size, cin, _, _ = unet.SIZES[index - 1]
     model = UNet(**spec)
     x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
     state = create_train_state(init_params(model, jax.random.key(0), x), unet.optax.adam(unet.LEARNING_RATE))
