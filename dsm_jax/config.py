@@ -89,6 +89,7 @@ class Config:
     attention_resolutions: tuple[int, ...] = _field(
         (), "U-Net image sizes that get self-attention (e.g. 16; empty: none)"
     )
+    dropout: float = _field(0.0, "U-Net dropout rate in the residual blocks while training (0.1 in DDPM / NCSN++)")
     embedding: str = _field("fourier", "sigma embedding: fourier (random Fourier features of log sigma) or sinusoidal")
     fourier_scale: float = _field(
         1.0, "frequency scale of the Fourier features of log sigma (1 suits stratified sigmas)"
@@ -206,6 +207,8 @@ class Config:
             isinstance(self.label_dropout, (int, float)) and 0.0 <= self.label_dropout < 1.0
         ):
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}.")
+        if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be a rate in [0, 1), got {self.dropout!r}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}.")
         for name, choices in (
@@ -279,6 +282,7 @@ PRESETS = {
         channel_mults=(1, 2, 2, 2),
         num_res_blocks=2,
         attention_resolutions=(16,),
+        dropout=0.1,
         embedding="fourier",
         scale_by_sigma=True,
         sigma_max=50.0,
@@ -323,14 +327,13 @@ label dropout 0.1 for classifier-free guidance: ``dsm-jax sample --labels 0,1,2 
 al. 2021) on CIFAR-10's binary version (the directory ``cifar-10-batches-bin``
 the official ``cifar-10-binary.tar.gz`` unpacks to; ``--set dataset=DIR``
 elsewhere): a DDPM-layout U-Net with 128 channels, multipliers (1, 2, 2, 2),
-2 residual blocks per resolution and self-attention at 16x16 (35.4M
-parameters), random flips, sigma in [0.01, 50] drawn log-uniformly, Adam
+2 residual blocks per resolution, self-attention at 16x16 and dropout 0.1
+(35.4M parameters), random flips, sigma in [0.01, 50] drawn log-uniformly, Adam
 2e-4 after 5000 warmup steps, EMA 0.9999, batch 128, 1.3M steps (score_sde's
 VE runs), the predictor-corrector sampler with 1000 steps and snr 0.16, and
 10000 samples after training (``dsm-jax evaluate --num 50000 --fid-weights
-... --fid-ref ...`` for the FID-50k of papers). Not reproduced here: the
-U-Net's dropout (0.1 in DDPM / NCSN++; :class:`dsm_jax.models.UNet` has
-none), NCSN++'s FIR resampling and skip rescaling. A CPU runs it only shrunk,
+... --fid-ref ...`` for the FID-50k of papers). Not reproduced here:
+NCSN++'s FIR resampling and skip rescaling. A CPU runs it only shrunk,
 e.g. ``--set channels=8 --set channel_mults=1,2 --set num_res_blocks=1
 --set attention_resolutions= --set batch_size=16 --set num_steps=4``."""
 

@@ -421,7 +421,10 @@ def build_run(cfg: Config, *, user_set=None) -> Run:
             embedding=cfg.embedding,
             dtype=cfg.dtype,
             num_classes=cfg.num_classes,
+            dropout=cfg.dropout,
         )
+    elif cfg.dropout > 0:
+        raise UserError(f"dropout={cfg.dropout:g} needs model='unet' (the MLP has no dropout); --set dropout=0.")
     else:
         model = NoiseConditionalMLP(
             width=cfg.width,

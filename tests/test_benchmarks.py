@@ -189,3 +189,18 @@ def test_fast_samplers_bench_quick(tmp_path):
         assert all(math.isfinite(t) and t > 0 for t in r["median_s"].values())
         assert math.isfinite(r["ald/heun"]) and math.isfinite(r["ald/dpmpp"])
     assert (tmp_path / "fast_samplers_quick.md").read_text().count("\n") == 6
+
+
+@pytest.mark.slow  # a U-Net step compiled five ways and an eager PyTorch U-Net: ~3 min on the loaded 2 cores
+def test_unet_bench_quick_run_with_torch(tmp_path):
+    pytest.importorskip("torch")
+    bench = load("bench_unet_torch")
+    bench.main(["--quick", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "results_unet.json").read_text())
+    (row,) = check_payload(payload, ["unet_step"])["unet_step"]
+    # The PyTorch twin has the library U-Net's parameter count (the script asserts it too).
+    assert row["jax_params"] == row["torch_params"] == 42313
+    assert set(row["ratios"]) >= {"torch/jax", "scan/per_call", "unrolled/per_call", "torch/jax_forward_backward"}
+    assert row["step_flops"] > 0 and math.isfinite(row["jax_optimizer_share"])
+    assert [t["ratio"] for t in payload["results"]["targets"]] == ["torch/jax"]
+    assert (tmp_path / "results_unet.md").read_text().startswith("### unet_step")

@@ -14,6 +14,7 @@ from dsm_jax.models import (
     NoiseConditionalMLP,
     SigmaEmbedding,
     UNet,
+    edm_model_fn,
     init_params,
     make_model_fn,
     make_score_fn,
@@ -151,3 +152,91 @@ def test_parameters_trained_with_another_fourier_scale_keep_their_frequencies():
     w_old = params["SigmaEmbedding_0"]["GaussianFourierEmbedding_0"]["W"]
     w_new = init_params(new, jax.random.key(1), x[:1])["SigmaEmbedding_0"]["GaussianFourierEmbedding_0"]["W"]
     np.testing.assert_allclose(w_old, 16.0 * w_new, rtol=1e-5)
+
+
+# Dropout: one small U-Net (8x8, no attention) with and without it; the same parameters fit both.
+_DROPOUT_UNET = UNet(channels=8, channel_mults=(1, 2), groups=4, zero_init_output=False, dropout=0.5)
+
+
+@functools.cache
+def _dropout_setup():
+    params = init_params(_DROPOUT_UNET, jax.random.key(1), jnp.zeros((1, 8, 8, 1)))
+    return params, jax.random.normal(jax.random.key(0), (3, 8, 8, 1)), jnp.array([0.1, 0.5, 2.0])
+
+
+def test_dropout_is_random_in_training_and_off_in_evaluation():
+    params, x, sigma = _dropout_setup()
+    plain = _DROPOUT_UNET.clone(dropout=0.0)
+    # No parameters of its own: the same tree as the network without dropout.
+    expected = jax.eval_shape(lambda k: plain.init(k, x[:1], sigma[:1])["params"], jax.random.key(1))
+    assert jax.tree.structure(expected) == jax.tree.structure(params)
+
+    @jax.jit  # one compilation for every variant
+    def outputs():
+        train = lambda key, x=x: make_model_fn(_DROPOUT_UNET, params, dropout_rng=key)(x, sigma)
+        edm = lambda key: edm_model_fn(_DROPOUT_UNET, params, dropout_rng=key)(x, sigma)
+        return {
+            "eval": make_model_fn(_DROPOUT_UNET, params)(x, sigma),
+            "plain": make_model_fn(plain, params)(x, sigma),
+            "a": train(jax.random.key(2)),
+            "b": train(jax.random.key(3)),
+            "solo": train(jax.random.key(2), x.at[1].set(0.0)),
+            "edm_train": edm(jax.random.key(2)),
+            "edm_eval": edm(None),
+        }
+
+    out = outputs()
+    np.testing.assert_array_equal(out["eval"], out["plain"])  # evaluation: no dropout at all
+    differ = lambda u, v: float(jnp.max(jnp.abs(u - v))) > 1e-2
+    assert differ(out["a"], out["b"]) and differ(out["a"], out["eval"]) and differ(out["edm_train"], out["edm_eval"])
+    # Example 1's input does not change example 0's output: the masks do not mix examples.
+    np.testing.assert_allclose(out["solo"][0], out["a"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_no_dropout_trains_the_network_exactly_as_before():
+    """dropout=0.0: the loss calls the module as sampling does (no train flag, no rng), so the same bits."""
+    from dsm_jax.losses import multiscale_dsm_loss
+    from dsm_jax.models import make_dsm_loss_fn
+    from dsm_jax.models.apply import dropout_rng_of
+
+    params, x, _ = _dropout_setup()
+    plain = _DROPOUT_UNET.clone(dropout=0.0)
+    assert (
+        dropout_rng_of(plain, jax.random.key(0)) is None
+        and dropout_rng_of(_DROPOUT_UNET, jax.random.key(0)) is not None
+    )
+    sigmas = jnp.array([0.1, 1.0])
+    keys = jax.random.split(jax.random.key(4), 3)
+    loss, _ = jax.jit(make_dsm_loss_fn(plain, sigmas, sigma_sampling="random"))(params, x, keys)
+    by_hand = jax.jit(lambda p: multiscale_dsm_loss(make_model_fn(plain, p), x, sigmas, keys, sigma_sampling="random"))
+    np.testing.assert_array_equal(loss, by_hand(params))
+    # The rate, not the train flag, changes the numbers: dropout=0.5 moves the loss, rate 0 in train mode does not.
+    dropped, _ = jax.jit(make_dsm_loss_fn(_DROPOUT_UNET, sigmas, sigma_sampling="random"))(params, x, keys)
+    assert abs(float(dropped) - float(loss)) > 1e-4 * abs(float(loss))
+    rate_zero = jax.jit(lambda key: make_model_fn(plain, params, dropout_rng=key)(x, 0.5))
+    # Train mode compiles another program (the rng is an input), so XLA may fuse and round differently.
+    np.testing.assert_allclose(
+        rate_zero(jax.random.key(5)), jax.jit(make_model_fn(plain, params))(x, 0.5), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.slow  # compiles a U-Net training step: ~27 s on the loaded 2 cores
+def test_a_unet_with_dropout_trains():
+    import optax
+
+    from dsm_jax.models import make_dsm_loss_fn
+    from dsm_jax.train import train
+
+    params, _, _ = _dropout_setup()
+    data = jax.random.normal(jax.random.key(7), (16, 8, 8, 1))
+    loss_fn = make_dsm_loss_fn(_DROPOUT_UNET, jnp.array([0.1, 1.0]), sigma_sampling="random")
+    keys = jax.random.split(jax.random.key(8), 16)
+    evaluate = jax.jit(lambda p: loss_fn(p, data, keys)[0])
+    state = train(loss_fn, params, lambda step: data, num_steps=8, optimizer=optax.adam(3e-3), quiet=True)
+    assert int(state.step) == 8 and float(evaluate(state.params)) < float(evaluate(params))
+
+
+def test_bad_dropout_rates_raise():
+    for rate in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match="dropout"):
+            UNet(dropout=rate)

@@ -26,6 +26,9 @@ from dsm_jax.models.precondition import edm_model_fn
 from dsm_jax.noise import Weighting, get_weighting
 from dsm_jax.parameterization import as_score_fn, broadcast_sigma, check_parameterization, expand_to
 
+# Folded into a training-loss key to give the dropout masks their own random stream.
+_DROPOUT_STREAM = 0x64726F70  # "drop"
+
 
 def init_params(model: nn.Module, key: jax.Array, x: jax.Array) -> Any:
     """Initial parameters of a noise-conditional module for inputs shaped like ``x [B, *D]``.
@@ -42,7 +45,29 @@ def init_params(model: nn.Module, key: jax.Array, x: jax.Array) -> Any:
     return lowered.compile(compiler_options=options)(key)
 
 
-def make_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False, labels=None):
+def uses_dropout(model: nn.Module) -> bool:
+    """True when ``model`` has a positive ``dropout`` attribute (``UNet(dropout=0.1)``): trained with ``train=True``."""
+    return float(getattr(model, "dropout", 0.0) or 0.0) > 0.0
+
+
+def dropout_rng_of(model: nn.Module, key: jax.Array) -> jax.Array | None:
+    """The dropout key of one training-loss call, or ``None`` for a module without dropout.
+
+    The loss's own key (or, for ``[B]`` per-example keys, the first
+    example's) folded with a fixed stream number: the masks of a step are
+    a function of ``(seed, step)`` (and the device) and the noise draws are untouched. One key
+    covers the loss's single model call, whose masks are independent across
+    every example and level of that call; under data parallelism each device
+    draws from its own first example's key, so, unlike the noise, the masks
+    of an example depend on the device count.
+    """
+    if not uses_dropout(model):
+        return None
+    first = key[0] if is_key_batch(key) else key
+    return jax.random.fold_in(first, _DROPOUT_STREAM)
+
+
+def make_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False, dropout_rng=None, labels=None):
     """``model_fn(x, sigma) = model.apply(params, x, sigma)``, optionally divided by sigma.
 
     Args:
@@ -52,6 +77,10 @@ def make_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False
         labels: for a conditional module (``num_classes`` set), the ``[B]``
             labels closed over: ``model.apply(params, x, sigma, labels)``. None
             calls ``model(x, sigma)`` (a conditional module then reads the null label).
+        dropout_rng: ``None`` (the default: the deterministic network, for
+            sampling and evaluation), or a PRNG key: the module is then called
+            in training mode, ``model(x, sigma, train=True)`` with
+            ``rngs={"dropout": dropout_rng}`` (see :func:`dropout_rng_of`).
 
     Returns:
         ``model_fn(x, sigma) -> [B, *D]``; ``sigma`` may be a scalar or ``[B]``.
@@ -65,10 +94,13 @@ def make_model_fn(model: nn.Module, params: Any, *, scale_by_sigma: bool = False
         (3, 2)
     """
 
+    train_kwargs = {} if dropout_rng is None else {"train": True, "rngs": {"dropout": dropout_rng}}
+
     def model_fn(x, sigma):
         sigma = broadcast_sigma(sigma, x)
         args = (x, sigma) if labels is None else (x, sigma, labels)
-        out = cast(jax.Array, model.apply({"params": params}, *args))  # one output, no mutable collections
+        # one output, no mutable collections
+        out = cast(jax.Array, model.apply({"params": params}, *args, **train_kwargs))
         if scale_by_sigma:
             out = out / expand_to(sigma, out)
         return out
@@ -196,6 +228,11 @@ def make_dsm_loss_fn(
     levels want a smooth sigma embedding: see ``fourier_scale`` of
     :class:`dsm_jax.models.NoiseConditionalMLP`.
 
+    A module with dropout (a positive ``dropout`` attribute, e.g.
+    ``UNet(dropout=0.1)``) is called in training mode with a dropout key
+    drawn from the loss's key (:func:`dropout_rng_of`); any other module is
+    called exactly as :func:`make_model_fn` calls it for sampling.
+
     Args:
         model: a Flax module called as ``model(x, sigma)``.
         sigmas: the noise levels ``[L]``.
@@ -220,7 +257,10 @@ def make_dsm_loss_fn(
     def loss_fn(params, batch, key):
         x, labels = split_labelled_batch(model, batch, key, label_dropout)
         model_fn = _labelled(
-            lambda lab: make_model_fn(model, params, scale_by_sigma=scale_by_sigma, labels=lab), labels
+            lambda lab: make_model_fn(
+                model, params, scale_by_sigma=scale_by_sigma, labels=lab, dropout_rng=dropout_rng_of(model, key)
+            ),
+            labels,
         )
         loss, per_sigma = multiscale_dsm_loss(
             model_fn,
@@ -255,7 +295,8 @@ def make_edm_loss_fn(
     :func:`make_dsm_loss_fn` it takes one key per example
     (``loss_fn.accepts_key_batch = True``) and reports the unweighted per-level
     DSM loss on the grid ``sigmas`` (each example binned to its nearest level
-    in log scale), for the training diagnostics and plots.
+    in log scale), for the training diagnostics and plots. Dropout as in
+    :func:`make_dsm_loss_fn`.
 
     Args:
         model: a Flax module called as ``model(x, sigma)``.
@@ -272,7 +313,12 @@ def make_edm_loss_fn(
 
     def loss_fn(params, batch, key):
         x, labels = split_labelled_batch(model, batch, key, label_dropout)
-        denoiser = _labelled(lambda lab: edm_model_fn(model, params, sigma_data=sigma_data, labels=lab), labels)
+        denoiser = _labelled(
+            lambda lab: edm_model_fn(
+                model, params, sigma_data=sigma_data, labels=lab, dropout_rng=dropout_rng_of(model, key)
+            ),
+            labels,
+        )
         loss, per_sigma = edm_loss(
             denoiser,
             x,

@@ -109,20 +109,22 @@ def edm_precondition(apply_fn: Callable[[jax.Array, jax.Array], jax.Array], sigm
     return denoiser
 
 
-def edm_model_fn(model: nn.Module, params: Any, *, sigma_data: float = 0.5, labels=None):
+def edm_model_fn(model: nn.Module, params: Any, *, sigma_data: float = 0.5, labels=None, dropout_rng=None):
     """:func:`edm_precondition` of a library network ``model(x, sigma)`` (which embeds ``log sigma`` itself).
 
     ``F(x, c_noise) = model.apply(params, x, exp(c_noise))``: the network's
     embedding of ``log`` of its second input sees ``c_noise`` (module docstring).
     ``labels`` (a conditional network's ``[B]`` labels) are closed over:
     ``model.apply(params, x, exp(c_noise), labels)``.
+    ``dropout_rng``: as in :func:`dsm_jax.models.make_model_fn` (``None``: deterministic).
 
     Returns:
         ``denoiser(x, sigma)``, ``parameterization="x0"``.
     """
+    train_kwargs = {} if dropout_rng is None else {"train": True, "rngs": {"dropout": dropout_rng}}
 
     def apply_fn(x, c_noise):
         args = (x, jnp.exp(c_noise)) if labels is None else (x, jnp.exp(c_noise), labels)
-        return cast(jax.Array, model.apply({"params": params}, *args))
+        return cast(jax.Array, model.apply({"params": params}, *args, **train_kwargs))
 
     return edm_precondition(apply_fn, sigma_data)

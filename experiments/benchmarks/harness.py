@@ -27,6 +27,7 @@ TARGETS = [
     ("langevin", "B=1024", "torch/jax", 1.5, "min", "annealed Langevin vs PyTorch at batch 1024"),
     ("explicit_sm", "", "torch/jvp", 2.0, "min", "exact-trace SM step vs the autograd loop"),
     ("dim_scaling", "", "t(d_max)/t(d_min)", 2.0, "max", "step time between d = 2 and d = 1024"),
+    ("unet_step", "", "torch/jax", 1.0, "min", "U-Net training step vs PyTorch (bench_unet_torch.py)"),
 ]
 
 

@@ -8,7 +8,9 @@ loops) from the Perfetto trace. Traced durations include the tracer's overhead
 and overlap when XLA runs independent thunks concurrently: read them as
 shares, not as absolute times. Workloads: ``dsm_step`` (the library's DSM
 train step), ``explicit_sm`` (its explicit SM step), ``langevin`` (annealed
-Langevin, 10 x 100 steps), ``multiscale`` (the L = 10 loss and gradient).
+Langevin, 10 x 100 steps), ``multiscale`` (the L = 10 loss and gradient),
+``unet_step`` (the U-Net step of ``bench_unet_torch.py``; ``--dim`` is the
+number of its size, 1 to 3, ``--batch`` the batch).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ from dsm_jax.losses import explicit_score_matching_loss, multiscale_dsm_loss  # 
 from dsm_jax.noise import geometric_sigmas  # noqa: E402
 from dsm_jax.samplers import annealed_langevin  # noqa: E402
 
-WORKLOADS = ("dsm_step", "explicit_sm", "langevin", "multiscale")
+WORKLOADS = ("dsm_step", "explicit_sm", "langevin", "multiscale", "unet_step")
 
 
 def workload(name: str, dim: int, batch: int):
     """A blocking ``fn()`` running one call of the workload, on the benchmarks' network and full sizes."""
     b = Bench(dict(run.FULL), None, repeats=1)
+    if name == "unet_step":
+        return _unet_step(b, dim, batch)
     cfg = b.cfg
     net = Net(dim, cfg, None)
     x = jnp.asarray(data(dim, batch))
@@ -73,6 +77,19 @@ def workload(name: str, dim: int, batch: int):
         )
     )
     return b.blocking(grad, net.params, x, jax.random.key(0))
+
+
+def _unet_step(b: Bench, index: int, batch: int):
+    import bench_unet_torch as unet
+
+    from dsm_jax.models import UNet, init_params
+    from dsm_jax.train import create_train_state
+
+    _, spec, size, cin, _, _ = unet.SIZES[index - 1]
+    model = UNet(**spec)
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
+    state = create_train_state(init_params(model, jax.random.key(0), x), unet.optax.adam(unet.LEARNING_RATE))
+    return b.stepper(unet.jax_functions(model, 1)["step"], state, [(x, k) for k in keys()])
 
 
 def top_operations(trace_dir: Path, calls: int, top: int) -> list:
