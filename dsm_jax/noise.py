@@ -34,6 +34,25 @@ WEIGHTINGS = ("sigma2", "one", "inv_sigma2", "min_snr")
 Weighting = str | Callable[[jax.Array], jax.Array]
 
 
+def _check_grid_ends(sigma_max, sigma_min, num) -> int:
+    """``num`` checked, with the ends of a decreasing grid of ``num`` levels (the one check of both grids).
+
+    The levels lie between the two ends, so the ends alone decide whether all
+    are representable in float32.
+    """
+    check_positive_number("sigma_max", sigma_max)
+    check_positive_number("sigma_min", sigma_min)
+    num = check_positive_int("num", num)
+    if num == 1:
+        if sigma_max != sigma_min:
+            raise ValueError(f"num=1 needs sigma_max == sigma_min, got {sigma_max} and {sigma_min}.")
+    elif not sigma_max > sigma_min:
+        raise ValueError(f"sigma_max must exceed sigma_min, got sigma_max={sigma_max}, sigma_min={sigma_min}.")
+    check_in_float_range("sigma_max", sigma_max, jnp.float32)
+    check_in_float_range("sigma_min", sigma_min, jnp.float32)
+    return num
+
+
 def geometric_sigmas(sigma_max: float, sigma_min: float, num: int) -> jax.Array:
     """``num`` noise levels from ``sigma_max`` down to ``sigma_min``, equally spaced in log.
 
@@ -46,17 +65,7 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num: int) -> jax.Array:
         >>> geometric_sigmas(10.0, 0.1, 3)
         Array([10. ,  1. ,  0.1], dtype=float32)
     """
-    check_positive_number("sigma_max", sigma_max)
-    check_positive_number("sigma_min", sigma_min)
-    num = check_positive_int("num", num)
-    if num == 1:
-        if sigma_max != sigma_min:
-            raise ValueError(f"num=1 needs sigma_max == sigma_min, got {sigma_max} and {sigma_min}.")
-    elif not sigma_max > sigma_min:
-        raise ValueError(f"sigma_max must exceed sigma_min, got sigma_max={sigma_max}, sigma_min={sigma_min}.")
-    # The levels lie between the two ends, so the ends alone decide whether all are representable.
-    check_in_float_range("sigma_max", sigma_max, jnp.float32)
-    check_in_float_range("sigma_min", sigma_min, jnp.float32)
+    num = _check_grid_ends(sigma_max, sigma_min, num)
     return jnp.asarray(np.geomspace(sigma_max, sigma_min, num), dtype=jnp.float32)
 
 
@@ -80,16 +89,7 @@ def karras_sigmas(sigma_max: float, sigma_min: float, num: int, rho: float = 7.0
         diffusion-based generative models", NeurIPS 2022, Eq. 5.
     """
     check_positive_number("rho", rho)
-    check_positive_number("sigma_max", sigma_max)
-    check_positive_number("sigma_min", sigma_min)
-    num = check_positive_int("num", num)
-    if num == 1:
-        if sigma_max != sigma_min:
-            raise ValueError(f"num=1 needs sigma_max == sigma_min, got {sigma_max} and {sigma_min}.")
-    elif not sigma_max > sigma_min:
-        raise ValueError(f"sigma_max must exceed sigma_min, got sigma_max={sigma_max}, sigma_min={sigma_min}.")
-    check_in_float_range("sigma_max", sigma_max, jnp.float32)
-    check_in_float_range("sigma_min", sigma_min, jnp.float32)
+    num = _check_grid_ends(sigma_max, sigma_min, num)
     hi, lo = float(sigma_max) ** (1.0 / rho), float(sigma_min) ** (1.0 / rho)
     levels = (hi + np.linspace(0.0, 1.0, num) * (lo - hi)) ** rho
     levels[0], levels[-1] = sigma_max, sigma_min  # the ends exactly, not through the power's rounding
